@@ -919,7 +919,7 @@ class NumbaFFIKernel:
             x = np.asarray(x)
             if x.dtype != dt or x.ndim != rank:
                 raise TypeError(f"{self.name}: input {k} must be {dt.name} of rank {rank}, got {x.dtype} {x.shape}")
-            ins.append(np.ascontiguousarray(x))
+            ins.append(x if x.flags.c_contiguous else np.ascontiguousarray(x).reshape(x.shape))  # keeps 0-d
         outs = []
         for s, (dt, rank) in zip(out_shapes, self.out_specs):
             shape = tuple(s.shape) if hasattr(s, "shape") else tuple(s)
