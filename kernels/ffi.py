@@ -773,6 +773,7 @@ def _build_handler(target: str, impl: Callable, in_specs, out_specs):
 _LOCK = threading.RLock()
 _TARGETS: dict[str, dict[str, Any]] = {}  # target name -> {"impl", "cfunc", ...}
 _WARNED: set[str] = set()
+_FAILED: dict[str, str] = {}  # target name -> why the FFI path could not be built
 
 
 def _norm_specs(specs, what: str) -> tuple[tuple[np.dtype, int], ...]:
@@ -884,13 +885,18 @@ class NumbaFFIKernel:
         self._check(args, out_shapes)
         mode = ffi_mode()
         if mode == "ffi":
-            try:
-                self.ensure_registered()
-            except ValueError:
-                raise
-            except Exception as e:  # registration/compile failure: degrade
-                self._warn_fallback(f"registering the FFI handler failed ({type(e).__name__}: {e})")
+            if self.target_name in _FAILED:
                 mode = "callback"
+            else:
+                try:
+                    self.ensure_registered()
+                except ValueError:
+                    raise
+                except Exception as e:  # handler compile / registration failure
+                    self._check_impl_compiles(e)  # a bug in impl itself: raise it
+                    _FAILED[self.target_name] = f"{type(e).__name__}: {e}"
+                    self._warn_fallback(f"building/registering the FFI handler failed ({_FAILED[self.target_name]})")
+                    mode = "callback"
         else:
             reason = (
                 "NEURALIL_FAST_FFI=callback is set"
@@ -906,6 +912,17 @@ class NumbaFFIKernel:
                 functools.partial(self._host, tuple(out_shapes)), out_shapes, *args, vmap_method="sequential"
             )
         return tuple(outs)
+
+    def _check_impl_compiles(self, cause: BaseException) -> None:
+        """Re-raise ``cause`` if ``impl`` itself fails to compile for the specs."""
+        import numba
+        from numba import types
+
+        sig = tuple(types.Array(numba.from_dtype(dt), r, "C") for dt, r in self.in_specs + self.out_specs)
+        try:
+            self.impl.compile(sig)
+        except Exception as e:
+            raise TypeError(f"{self.name}: impl does not compile for {self.target_name}: {e}") from cause
 
     def _warn_fallback(self, reason: str) -> None:
         if self.target_name in _WARNED:

@@ -781,3 +781,30 @@ def test_report_overhead(monkeypatch, capsys):
         print("\n[ffi overhead] 8-element kernel, best of 5")
         for k, (t1, ts) in res.items():
             print(f"  {k:10s} jit call (dispatch incl.): {t1 * 1e6:8.1f} us   per step inside lax.scan: {ts * 1e6:8.2f} us")
+
+
+@numba.njit
+def _bad_impl(x, out):
+    out[0] = x.no_such_attribute
+
+
+def test_impl_typing_error_is_raised(monkeypatch):
+    monkeypatch.delenv("NEURALIL_FAST_FFI", raising=False)
+    kern = NumbaFFIKernel("nf_test_bad", _bad_impl, ((np.float32, 1),), ((np.float32, 1),))
+    with pytest.raises(TypeError, match="impl does not compile"):
+        kern(jnp.zeros(3), out_shapes=[jax.ShapeDtypeStruct((3,), jnp.float32)])
+
+
+def test_handler_build_failure_falls_back(monkeypatch):
+    monkeypatch.delenv("NEURALIL_FAST_FFI", raising=False)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated registration failure")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", boom)
+    kern = NumbaFFIKernel("nf_test_regfail", _tiny_impl, ((np.float32, 1),), ((np.float32, 1),))
+    f = jax.jit(lambda x: kern(x, out_shapes=[jax.ShapeDtypeStruct((3,), jnp.float32)])[0])
+    with pytest.warns(RuntimeWarning, match="simulated registration failure"):
+        y = f(jnp.zeros(3))
+    np.testing.assert_array_equal(y, [1.0, 1.0, 1.0])
+    assert kern.target_name in ffi._FAILED
