@@ -19,7 +19,10 @@ several dtype variants of a kernel (float32 / float64) are several objects
 with the same ``name``: each registers its own XLA target whose name is
 ``name`` suffixed with the signature (see :attr:`NumbaFFIKernel.target_name`).
 Nothing happens at import: the numba handler is compiled and registered with
-XLA lazily, on the first call of each kernel (at trace time).
+XLA lazily, on the first call of each kernel (at trace time).  Under
+``jax.vmap`` the call is repeated per batch element (``vmap_method=
+"sequential"``); there is no differentiation rule (wrap calls in
+``jax.custom_vjp``).
 
 Contract for ``impl``
 ---------------------
