@@ -1,0 +1,253 @@
+"""The NeuralIL network (neuralil-model.md §3, §5): embedding, core MLP, Morse term.
+
+``NeuralIL`` is the static configuration (a frozen, hashable dataclass) and the
+pure functions on it; the flax modules below are thin wrappers whose parameter
+names follow the original code's tree, so its parameters load unchanged:
+
+    params/embed/embedding (S, embed_dim)
+    params/core_model/{Inlet, Stage_1.., LayerNorm_0.., Outlet}
+    params/denormalizer/{kernel (1, 1), bias (1,)}
+    params/morse/{embed/embedding (S, 3), switch_param (1, 1)}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .descriptors import DescriptorSpec
+
+__all__ = ["NeuralIL", "save", "load", "from_neuralil", "morse_atomic_energies"]
+
+ACTIVATIONS = ("swish", "selu")
+FORMAT_NAME = "NeuralIL"
+
+
+class Core(nn.Module):
+    """Dense(w0) → act, then [Dense(w) → LayerNorm → act]..., then Dense(1) → act.
+
+    With ``layer_norm=False`` (the article's SELU variant) the LayerNorms are left out.
+    """
+
+    widths: Sequence[int]
+    activation: str = "swish"
+    layer_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        act = nn.swish if self.activation == "swish" else nn.selu
+        x = act(nn.Dense(self.widths[0], name="Inlet")(x))
+        for k, w in enumerate(self.widths[1:]):
+            x = nn.Dense(w, name=f"Stage_{k + 1}")(x)
+            if self.layer_norm:
+                x = nn.LayerNorm(epsilon=1e-6, name=f"LayerNorm_{k}")(x)
+            x = act(x)
+        return act(nn.Dense(1, name="Outlet")(x))
+
+
+class MorseParams(nn.Module):
+    """Per-species (a, b, d) = 0.01 + v_s^2 and the switching parameter."""
+
+    n_species: int
+
+    @nn.compact
+    def __call__(self):
+        switch = self.param("switch_param", nn.initializers.lecun_normal(), (1, 1))
+        v = nn.Embed(self.n_species, 3, name="embed").embedding
+        return 0.01 + v**2, switch[0, 0]
+
+
+class AtomicNetwork(nn.Module):
+    """Descriptors (N, F) and species (N,) → NN atomic energies (N,), eV; plus Morse parameters."""
+
+    n_species: int
+    embed_dim: int
+    widths: Sequence[int]
+    activation: str
+    layer_norm: bool
+    use_morse: bool
+
+    def setup(self):
+        self.embed = nn.Embed(self.n_species, self.embed_dim)
+        self.core_model = Core(tuple(self.widths), self.activation, self.layer_norm)
+        self.denormalizer = nn.Dense(1)
+        if self.use_morse:
+            self.morse = MorseParams(self.n_species)
+
+    def __call__(self, descriptors, species):
+        x = jnp.concatenate([descriptors, self.embed(species).astype(descriptors.dtype)], axis=-1)
+        e = self.denormalizer(self.core_model(x))[..., 0]
+        morse = self.morse() if self.use_morse else None
+        return e, morse
+
+
+def _smooth_step(t):
+    """G(t) = h(t) / (h(t) + h(1 - t)), h(t) = exp(-1/t) for t > 0 else 0 (NaN-safe)."""
+    def h(u):
+        pos = u > 0.0
+        return jnp.where(pos, jnp.exp(-1.0 / jnp.where(pos, u, 1.0)), 0.0)
+
+    a, b = h(t), h(1.0 - t)
+    return a / (a + b)
+
+
+def morse_atomic_energies(abd, switch_param, r, valid, species_i, species_j, centers, n_atoms,
+                          r_cut):
+    """Repulsive Morse energy per atom (N,), eV, from pairs.
+
+    abd: (S, 3) per-species (a 1/Å, b Å, d eV); r (P,) Å; valid (P,) bool.
+    E_i = 1/2 sum_j S(r_ij) d_i exp(-2 a_i (2 r1_ij - b_i)), r1_ij the probe's mixing radius.
+    """
+    ai, bi, di = abd[species_i, 0], abd[species_i, 1], abd[species_i, 2]
+    aj, bj, dj = abd[species_j, 0], abd[species_j, 1], abd[species_j, 2]
+    r1 = (aj * r + 0.25 * jnp.log(ai * di / (aj * dj)) + 0.5 * (ai * bi - aj * bj)) / (ai + aj)
+    phi = di * jnp.exp(-2.0 * ai * (2.0 * r1 - bi))
+    r_s = 0.5 * (1.0 + jax.nn.sigmoid(switch_param)) * r_cut
+    cutoff = 1.0 - _smooth_step((r * r - r_s * r_s) / (r_cut * r_cut - r_s * r_s))
+    pair = jnp.where(valid, 0.5 * cutoff * phi, 0.0)
+    return jax.ops.segment_sum(pair, jnp.where(valid, centers, n_atoms), num_segments=n_atoms)
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuralIL:
+    """A NeuralIL potential: descriptors + species embedding + MLP (+ repulsive Morse).
+
+    species: element symbols; sorted alphabetically, as NeuralIL does (index = position).
+    r_cut (Å), n_max: descriptor settings.  widths: core layer widths.
+    activation: "swish" (Swish-1 with LayerNorm) or "selu" (SELU without LayerNorm).
+    element_resolved: False = the ablation with one density for all neighbour species.
+    """
+
+    species: tuple
+    r_cut: float = 3.5
+    n_max: int = 4
+    embed_dim: int = 2
+    widths: tuple = (64, 32, 16, 16, 16)
+    activation: str = "swish"
+    morse: bool = True
+    element_resolved: bool = True
+
+    def __post_init__(self):
+        from ase.data import atomic_numbers
+
+        species = tuple(sorted(self.species))
+        if len(set(species)) != len(species) or not species:
+            raise ValueError(f"species must be distinct element symbols, got {self.species}")
+        unknown = [s for s in species if s not in atomic_numbers]
+        if unknown:
+            raise ValueError(f"unknown element symbols {unknown}")
+        object.__setattr__(self, "species", species)
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths must be positive layer sizes, got {self.widths}")
+        self.spec  # validates r_cut and n_max
+
+    @property
+    def n_species(self) -> int:
+        return len(self.species)
+
+    @property
+    def spec(self) -> DescriptorSpec:
+        n = self.n_species if self.element_resolved else 1
+        return DescriptorSpec(n, float(self.r_cut), int(self.n_max))
+
+    @property
+    def network(self) -> AtomicNetwork:
+        return AtomicNetwork(self.n_species, self.embed_dim, self.widths, self.activation,
+                             self.activation == "swish", self.morse)
+
+    def init(self, key, dtype=jnp.float32):
+        """Random parameters (a dict pytree), flax's default initialisers."""
+        X = jnp.zeros((1, self.spec.n_features), dtype)
+        params = self.network.init(key, X, jnp.zeros((1,), jnp.int32))
+        return jax.tree.map(lambda a: a.astype(dtype), _unfreeze(params))
+
+    def to_config(self) -> dict:
+        config = dataclasses.asdict(self)
+        config["species"] = list(self.species)
+        config["widths"] = list(self.widths)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NeuralIL":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - fields
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+    def apply_network(self, params, descriptors, species):
+        """(NN atomic energies (N,), morse parameters or None)."""
+        params = jax.tree.map(lambda a: a.astype(descriptors.dtype), params)
+        return self.network.apply(params, descriptors, species)
+
+
+def _unfreeze(tree):
+    if hasattr(tree, "unfreeze"):
+        tree = tree.unfreeze()
+    if isinstance(tree, dict):
+        return {k: _unfreeze(v) for k, v in tree.items()}
+    return tree
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading
+
+
+def save(path, model: NeuralIL, params, extra: dict | None = None) -> None:
+    """Write ``model`` and ``params`` to ``path`` atomically in the safe checkpoint format."""
+    from .io import write_checkpoint
+
+    config = {"model": FORMAT_NAME, "settings": model.to_config()}
+    write_checkpoint(path, config, jax.tree.map(np.asarray, _unfreeze(params)), extra=extra)
+
+
+def load(path, with_extra: bool = False):
+    """(model, params) from a file written by :func:`save`; ValueError if it is not one."""
+    from .io import read_checkpoint
+
+    config, params, extra = read_checkpoint(path)
+    if not isinstance(config, dict) or config.get("model") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a neuralil_fast model checkpoint (model={config.get('model')!r})")
+    model = NeuralIL.from_config(config["settings"])
+    params = jax.tree.map(jnp.asarray, params)
+    return (model, params, extra) if with_extra else (model, params)
+
+
+def from_neuralil(path, species=None, r_cut=None, n_max=None):
+    """(model, params) from a parameter pickle written by the original NeuralIL code.
+
+    The pickle is read with a restricted unpickler (no code from the file runs).
+    ``species``, ``r_cut``, ``n_max`` override or check the values stored in it.
+    """
+    from .io import read_neuralil_pickle
+
+    info = read_neuralil_pickle(path)
+    stored_species = tuple(info["sorted_elements"])
+    if species is not None and tuple(sorted(species)) != tuple(sorted(stored_species)):
+        raise ValueError(f"{path}: the model was trained for {stored_species}, not {tuple(species)}")
+    tree = info["params"]
+    tree = tree.get("params", tree) if "params" in tree and len(tree) == 1 else tree
+    has_morse = "morse" in tree
+    model = NeuralIL(
+        species=stored_species,
+        r_cut=float(r_cut if r_cut is not None else info["r_cut"]),
+        n_max=int(n_max if n_max is not None else info["n_max"]),
+        embed_dim=int(info["embed_d"]),
+        widths=tuple(int(w) for w in info["core_widths"]),
+        morse=has_morse,
+    )
+    params = {"params": jax.tree.map(jnp.asarray, tree)}
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or any(
+        e.shape != g.shape for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got))
+    ):
+        raise ValueError(f"{path}: parameter tree does not match a NeuralIL model with these settings")
+    return model, params
