@@ -1,0 +1,86 @@
+"""ASE calculator: energy, free_energy, energies, forces, stress in one pass.
+
+The neighbour list is kept between calls with a Verlet skin and reallocated
+on overflow; JAX's global configuration is never changed (float64 work runs
+inside a scoped ``jax.enable_x64``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.calculators.calculator import Calculator as _AseCalculator
+from ase.calculators.calculator import all_changes
+
+from .backends import resolve_backend
+from .geometry import as_system, species_indices
+from .neighbors import allocate, reallocate, update
+from .potential import evaluate_jit
+
+_update_jit = jax.jit(update)
+
+__all__ = ["Calculator"]
+
+
+class Calculator(_AseCalculator):
+    """NeuralIL potential for ASE.
+
+    model: a path written by ``nf.save`` or a ``NeuralIL`` (then pass ``params``).
+    backend: "reference" | "numba" | "triton" | "auto".
+    skin: Verlet skin, Å; the list is rebuilt when an atom moved more than skin / 2.
+    dtype: "float64" (default) or "float32".
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, model, params=None, backend: str = "auto", skin: float = 0.5,
+                 dtype: str = "float64", **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .model import load
+
+            model, params = load(model)
+        if params is None:
+            raise ValueError("pass the parameters with the model, or a path written by nf.save")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.model = model
+        self.params = params
+        self.backend = resolve_backend(backend)
+        self.skin = float(skin)
+        self.dtype = dtype
+        self._nl = None
+        self._key = None
+
+    def _neighbors(self, system):
+        key = (system.n_atoms, tuple(system.pbc))
+        if self._nl is None or key != self._key:
+            self._nl = allocate(system.positions, system.cell, system.pbc, self.model.r_cut,
+                                self.skin, backend=self.backend)
+            self._key = key
+            return self._nl
+        nl = _update_jit(self._nl, jnp.asarray(system.positions, self._nl.reference_positions.dtype),
+                         jnp.asarray(system.cell, self._nl.reference_cell.dtype))
+        if bool(nl.did_overflow):
+            nl = reallocate(nl, system.positions, system.cell)
+        self._nl = nl
+        return nl
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        system = as_system(self.atoms)
+        species = species_indices(system.numbers, self.model.species)
+        periodic = bool(system.pbc.all())
+        with jax.enable_x64(self.dtype == "float64"):
+            nl = self._neighbors(system)
+            dt = jnp.float64 if self.dtype == "float64" else jnp.float32
+            out = evaluate_jit(self.model, self.params, jnp.asarray(system.positions, dt),
+                               jnp.asarray(system.cell, dt), jnp.asarray(species), nl.centers,
+                               nl.neighbors, nl.shifts, backend=self.backend, stress=periodic)
+            out = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+        self.results["energy"] = float(out["energy"])
+        self.results["free_energy"] = float(out["energy"])
+        self.results["energies"] = out["energies"]
+        self.results["forces"] = out["forces"]
+        if periodic:
+            self.results["stress"] = out["stress"]
