@@ -1,0 +1,134 @@
+"""``neuralil-fast evaluate MODEL DATA``: energy and force errors of a model on a data set.
+
+Energies in meV/atom, forces in meV/Å; overall and per element; optionally
+after removing the mean energy offset (for models trained on forces only).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .geometry import species_indices
+
+__all__ = ["predict", "error_metrics", "load_any_model"]
+
+
+def load_any_model(path):
+    """(model, params) from an ``nf.save`` file or an original NeuralIL parameter pickle."""
+    from .model import from_neuralil, load
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode
+        return from_neuralil(path)
+    return load(path)
+
+
+def predict(model, params, configs, backend="auto", dtype="float64", progress=False):
+    """Energies (n_configs,) eV and forces [(N, 3)] eV/Å for a list of ``io.Configuration``.
+
+    One compilation per distinct atom count: pair arrays are padded to a common capacity.
+    """
+    from .neighbors import allocate
+    from .potential import evaluate_jit
+
+    energies, forces = [], []
+    with jax.enable_x64(dtype == "float64"):
+        lists = [allocate(c.positions, c.cell, c.pbc, model.r_cut, backend=backend,
+                          capacity_multiplier=1.0) for c in configs]
+        capacity = max(nl.capacity for nl in lists)
+        dt = jnp.float64 if dtype == "float64" else jnp.float32
+        it = zip(configs, lists)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(configs), desc="evaluate", file=sys.stderr)
+        for c, nl in it:
+            if nl.capacity != capacity:
+                nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend=backend,
+                              capacity=capacity)
+            sp = species_indices(c.numbers, model.species)
+            out = evaluate_jit(model, params, jnp.asarray(c.positions, dt), jnp.asarray(c.cell, dt),
+                               jnp.asarray(sp), nl.centers, nl.neighbors, nl.shifts,
+                               backend=backend, stress=False)
+            energies.append(float(out["energy"]))
+            forces.append(np.asarray(out["forces"], np.float64))
+    return np.array(energies), forces
+
+
+def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
+    """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors."""
+    keep = [k for k in range(len(configs)) if k not in set(exclude)]
+    n_atoms = np.array([configs[k].n_atoms for k in keep])
+    de = np.array([(energies[k] - configs[k].energy) for k in keep]) / n_atoms * 1000.0
+    offset = float(de.mean()) if remove_offset else 0.0
+    de = de - offset
+    df = np.concatenate([forces[k] - configs[k].forces for k in keep]) * 1000.0
+    symbols = np.concatenate([np.asarray(configs[k].symbols) for k in keep])
+    out = {
+        "n_configs": len(keep),
+        "energy_offset_meV_per_atom": offset,
+        "energy_mae_meV_per_atom": float(np.abs(de).mean()),
+        "energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean())),
+        "force_mae_meV_per_A": float(np.abs(df).mean()),
+        "force_rmse_meV_per_A": float(np.sqrt((df**2).mean())),
+        "per_element": {},
+    }
+    for s in sorted(set(symbols.tolist())):
+        d = df[symbols == s]
+        out["per_element"][s] = {"force_mae_meV_per_A": float(np.abs(d).mean()),
+                                 "force_rmse_meV_per_A": float(np.sqrt((d**2).mean()))}
+    return out
+
+
+def format_table(m: dict) -> str:
+    lines = [f"configurations: {m['n_configs']}"]
+    if m["energy_offset_meV_per_atom"]:
+        lines.append(f"energy offset removed: {m['energy_offset_meV_per_atom']:+.3f} meV/atom")
+    lines += [
+        f"{'quantity':<22}{'MAE':>12}{'RMSE':>12}",
+        f"{'energy (meV/atom)':<22}{m['energy_mae_meV_per_atom']:>12.3f}{m['energy_rmse_meV_per_atom']:>12.3f}",
+        f"{'forces (meV/Å)':<22}{m['force_mae_meV_per_A']:>12.2f}{m['force_rmse_meV_per_A']:>12.2f}",
+    ]
+    for s, e in m["per_element"].items():
+        lines.append(f"{'  forces on ' + s:<22}{e['force_mae_meV_per_A']:>12.2f}{e['force_rmse_meV_per_A']:>12.2f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p):
+    p.add_argument("model", help="model file (nf.save) or an original NeuralIL parameter pickle")
+    p.add_argument("data", help="extxyz (or anything ASE reads with energy and forces) or NeuralIL JSON Lines")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--species-sequence", help="JSON Lines only: a types file, or the symbols separated by commas")
+    g.add_argument("--ean-pairs", type=int, help="JSON Lines only: EAN with this many ion pairs (cations first)")
+    p.add_argument("--remove-offset", action="store_true",
+                   help="subtract the mean energy error (models trained on forces only)")
+    p.add_argument("--exclude", type=int, nargs="*", default=[], help="configuration indices to leave out")
+    p.add_argument("--backend", default="auto", help="reference | numba | triton | auto")
+    p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run(args) -> int:
+    from .io import ean_species_sequence, read_dataset
+
+    seq = None
+    if args.ean_pairs:
+        seq = ean_species_sequence(args.ean_pairs)
+    elif args.species_sequence:
+        seq = args.species_sequence.split(",") if "," in args.species_sequence else args.species_sequence
+    model, params = load_any_model(args.model)
+    configs = read_dataset(args.data, species_sequence=seq, species=model.species)
+    t0 = time.perf_counter()
+    energies, forces = predict(model, params, configs, backend=args.backend, dtype=args.dtype,
+                               progress=not args.json)
+    metrics = error_metrics(configs, energies, forces, remove_offset=args.remove_offset,
+                            exclude=args.exclude)
+    metrics["seconds"] = time.perf_counter() - t0
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    return 0
