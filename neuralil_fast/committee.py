@@ -1,0 +1,138 @@
+"""Committees of NeuralIL models: K parameter sets with a leading axis K on every leaf.
+
+The descriptors do not depend on the parameters, so a committee computes them
+once per configuration (one forward pass and one linear pullback through the
+chosen backend) and evaluates the K networks on them with ``jax.vmap``.
+
+File format: a committee is written with ``nf.save(path, model, params_K,
+extra={"committee": {"size": K}})``: the ordinary checkpoint format, every
+parameter leaf carrying the leading axis K.  :func:`load_any` reads either a
+single model (``size`` None) or a committee.
+
+    energy (K,) eV, energies (K, N) eV, forces (K, N, 3) eV/Å, stress (K, 6) eV/Å^3
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .descriptors import _pair_geometry, descriptors
+from .model import NeuralIL, morse_atomic_energies
+from .neighbors import pair_displacements
+
+__all__ = ["committee_evaluate", "committee_evaluate_jit", "stack", "unstack", "member",
+           "committee_size", "save_committee", "load_any", "summarize"]
+
+
+def stack(params_list):
+    """[params_1, ..., params_K] -> one tree with a leading axis K on every leaf."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *params_list)
+
+
+def unstack(params_K):
+    """The inverse of :func:`stack`: a list of K parameter trees."""
+    k = committee_size(params_K)
+    return [member(params_K, i) for i in range(k)]
+
+
+def member(params_K, k: int):
+    return jax.tree.map(lambda a: a[k], params_K)
+
+
+def committee_size(params_K) -> int:
+    sizes = {a.shape[0] if a.ndim else None for a in jax.tree.leaves(params_K)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"not a committee: leading axes {sizes} (expected one size K on every leaf)")
+    return sizes.pop()
+
+
+def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, centers, neighbors,
+                       shifts, backend: str = "reference", stress: bool = False, atom_mask=None):
+    """Energies, forces (and stress) of every member, descriptors computed once.
+
+    positions (N, 3) Å; cell (3, 3) Å; species (N,) int32; centers/neighbors (P,), shifts (P, 3)
+    in the pair layout of ``neighbors`` (padding rows carry centre = N).
+    atom_mask: optional (N,) 0/1; masked atoms (padding) contribute no energy.
+    Returns dict(energy (K,), energies (K, N), forces (K, N, 3)[, stress (K, 6)]).
+    """
+    n_atoms = positions.shape[0]
+    dtype = positions.dtype
+    valid_row = centers < n_atoms
+    species_j = jnp.where(valid_row, species[jnp.where(valid_row, neighbors, 0)], 0)
+    species_i = species[jnp.where(valid_row, centers, 0)]
+    desc_species = species_j if model.element_resolved else jnp.zeros_like(species_j)
+    mask = jnp.ones((n_atoms,), dtype) if atom_mask is None else atom_mask.astype(dtype)
+
+    def displacements(pos, strain):
+        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
+        return pair_displacements(pos @ deform, cell @ deform, centers, neighbors, shifts)
+
+    def desc(pos, strain):
+        return descriptors(model.spec, displacements(pos, strain), centers, desc_species, n_atoms,
+                           backend=backend)
+
+    strain0 = jnp.zeros((3, 3), dtype)
+    X, desc_pullback = jax.vjp(desc, positions, strain0)
+
+    def one(p):
+        def energy(X, pos, strain):
+            e, morse = model.apply_network(p, X, species)
+            if morse is not None:
+                abd, switch = morse
+                r, _, valid = _pair_geometry(displacements(pos, strain), centers, n_atoms,
+                                             model.r_cut)
+                e = e + morse_atomic_energies(abd, switch, r, valid, species_i, species_j,
+                                              centers, n_atoms, model.r_cut)
+            e = e * mask
+            return jnp.sum(e), e
+
+        (E, e), (gX, gpos, gstrain) = jax.value_and_grad(energy, argnums=(0, 1, 2),
+                                                         has_aux=True)(X, positions, strain0)
+        dpos, dstrain = desc_pullback(gX)
+        out = {"energy": E, "energies": e, "forces": -(gpos + dpos)}
+        if stress:
+            s = (gstrain + dstrain) / jnp.abs(jnp.linalg.det(cell))
+            out["stress"] = jnp.stack([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        return out
+
+    return jax.vmap(one)(params_K)
+
+
+committee_evaluate_jit = jax.jit(committee_evaluate, static_argnames=("model", "backend", "stress"))
+
+
+def summarize(out: dict) -> dict:
+    """Committee mean and spread (population standard deviation over members).
+
+    energy_uncertainty () eV; forces_uncertainty (N,) eV/Å = sqrt(mean_k |F_k - F_mean|^2).
+    """
+    res = {k: jnp.mean(v, axis=0) for k, v in out.items()}
+    res["energy_uncertainty"] = jnp.std(out["energy"], axis=0)
+    dF = out["forces"] - res["forces"][None]
+    res["forces_uncertainty"] = jnp.sqrt(jnp.mean(jnp.sum(dF * dF, axis=-1), axis=0))
+    return res
+
+
+def save_committee(path, model: NeuralIL, params_K, extra: dict | None = None) -> None:
+    """Write a committee (leading axis K on every leaf) with ``nf.save``."""
+    from .model import save
+
+    k = committee_size(params_K)
+    extra = dict(extra or {})
+    extra["committee"] = {"size": int(k)}
+    save(path, model, params_K, extra=extra)
+
+
+def load_any(path):
+    """(model, params, K): K is None for a single model, else params carry the leading axis K."""
+    from .model import load
+
+    model, params, extra = load(path, with_extra=True)
+    info = (extra or {}).get("committee")
+    if not info:
+        return model, params, None
+    k = int(info["size"])
+    if committee_size(params) != k:
+        raise ValueError(f"{path}: committee of size {k} but parameters of another size")
+    return model, params, k

@@ -1,0 +1,269 @@
+"""``neuralil-fast train DATA --species C H N O --out model.nil``: train on energies and forces.
+
+Every input problem (unreadable data, NaN labels, atom counts that do not match
+the species sequence, elements the model does not know, inconsistent options)
+is reported as a one-line error before any training starts (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="training data: extxyz (or any ASE format with energy and "
+                   "forces) or NeuralIL JSON Lines")
+    p.add_argument("--species", nargs="+", required=True, help="element symbols of the model")
+    p.add_argument("--out", required=True, help="where to write the trained model (nf.save format)")
+    p.add_argument("--valid", help="validation data (else a random split of DATA)")
+    seq = p.add_mutually_exclusive_group()
+    seq.add_argument("--species-sequence", nargs="+", metavar="SYMBOL_OR_FILE",
+                     help="JSON Lines: the element of each atom, or one types file")
+    seq.add_argument("--ean-pairs", type=int, metavar="N",
+                     help="JSON Lines: EAN atom order with N ion pairs (15 for the shared data)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="validation split: numpy default_rng(seed).permutation (default 0)")
+    p.add_argument("--n-valid", type=int,
+                   help="configurations held out for validation (default: 10%%, at least 1)")
+    p.add_argument("--outliers", type=int, nargs="*", default=[],
+                   help="dataset indices reported separately (metrics with and without them)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, help="stop after the epoch that exceeds this")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without improvement")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--committee", type=int, default=1, metavar="K",
+                   help="train K independently initialised models on the same batches")
+    p.add_argument("--loss", default="logcosh-norm",
+                   choices=("logcosh-norm", "logcosh-components", "mse"))
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--energy-only", action="store_true", help="train on energies only")
+    only.add_argument("--forces-only", action="store_true",
+                      help="train on forces only, fit the energy offset afterwards")
+    p.add_argument("--force-weight", type=float, default=0.5)
+    p.add_argument("--energy-weight", type=float, default=0.5)
+    p.add_argument("--lr-start", type=float, default=1e-3)
+    p.add_argument("--lr-peak", type=float, default=1e-2)
+    p.add_argument("--lr-end", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "numba", "triton"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state file (--state) bit for bit")
+    p.add_argument("--state", help="training state file (default: OUT.state)")
+    p.add_argument("--log", help="JSON log of the run (per epoch metrics)")
+    p.add_argument("--parity", help="parity plot PNG of the validation set (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = p.add_argument_group("model")
+    m.add_argument("--r-cut", type=float, default=3.5, help="cutoff radius, Å")
+    m.add_argument("--n-max", type=int, default=4)
+    m.add_argument("--embed-dim", type=int, default=2)
+    m.add_argument("--widths", type=int, nargs="+", default=[64, 32, 16, 16, 16])
+    m.add_argument("--activation", default="swish", choices=("swish", "selu"),
+                   help="selu: the ablation without LayerNorm")
+    m.add_argument("--no-element-resolved", action="store_true",
+                   help="ablation: one neighbour density for all species")
+    m.add_argument("--no-morse", action="store_true", help="leave out the repulsive Morse term")
+
+
+def _fail(msg):
+    from ..cli import UserError
+
+    raise UserError(msg)
+
+
+def _read(path, args, species):
+    from ..io import ean_species_sequence, read_dataset
+
+    seq = None
+    if args.ean_pairs is not None:
+        seq = ean_species_sequence(args.ean_pairs)
+    elif args.species_sequence:
+        seq = args.species_sequence[0] if len(args.species_sequence) == 1 and \
+            os.path.isfile(args.species_sequence[0]) else tuple(args.species_sequence)
+    try:
+        return read_dataset(path, species_sequence=seq, species=species)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(str(err).splitlines()[0])
+
+
+def _write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    import jax
+
+    from ..model import NeuralIL
+    from .losses import LossConfig
+
+    out = Path(args.out)
+    state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    # ---------------------------------------------------------------- options
+    if args.epochs < 0:
+        _fail("--epochs must be >= 0")
+    if args.batch_size < 1 or args.committee < 1:
+        _fail("--batch-size and --committee must be >= 1")
+    if args.resume and not state_path.is_file():
+        _fail(f"--resume: no training state at {state_path}")
+    if args.parity:
+        from .plots import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ValueError as err:
+            _fail(str(err))
+    if not out.parent.is_dir() and str(out.parent):
+        _fail(f"--out: folder {out.parent} does not exist")
+    try:
+        model = NeuralIL(species=tuple(args.species), r_cut=args.r_cut, n_max=args.n_max,
+                         embed_dim=args.embed_dim, widths=tuple(args.widths),
+                         activation=args.activation, morse=not args.no_morse,
+                         element_resolved=not args.no_element_resolved)
+        fw, ew = args.force_weight, args.energy_weight
+        if args.energy_only:
+            fw = 0.0
+        if args.forces_only:
+            ew = 0.0
+        loss = LossConfig(kind=args.loss, force_weight=fw, energy_weight=ew)
+    except ValueError as err:
+        _fail(str(err))
+    # ---------------------------------------------------------------- data
+    configs = _read(args.data, args, model.species)
+    ids = np.arange(len(configs))
+    if args.valid:
+        valid_configs = _read(args.valid, args, model.species)
+        train_ids, valid_ids = ids, np.arange(len(valid_configs))
+        train_configs = configs
+    else:
+        n_valid = args.n_valid if args.n_valid is not None else max(1, round(0.1 * len(configs)))
+        if len(configs) < 2:
+            _fail(f"{args.data} holds {len(configs)} configuration(s): need at least 2 to "
+                  "split off a validation set (or pass --valid)")
+        try:
+            from .data import split_indices
+
+            train_ids, valid_ids = split_indices(len(configs), n_valid, args.split_seed)
+        except ValueError as err:
+            _fail(str(err))
+        train_configs = [configs[i] for i in train_ids]
+        valid_configs = [configs[i] for i in valid_ids]
+    bad = [k for k in args.outliers if not 0 <= k < len(configs)]
+    if bad:
+        _fail(f"--outliers: indices {bad} are outside 0..{len(configs) - 1}")
+    with jax.enable_x64(args.dtype == "float64"):
+        return _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids,
+                      out, state_path)
+
+
+def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids, out,
+           state_path):
+    import jax
+
+    from ..backends import resolve_backend
+    from ..committee import member, save_committee
+    from ..model import save
+    from .data import pad_configurations, take
+    from .loop import TrainConfig, Trainer
+
+    try:
+        backend = resolve_backend(args.backend)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                          committee=args.committee, seed=args.seed, data_seed=args.split_seed,
+                          lr_start=args.lr_start, lr_peak=args.lr_peak, lr_end=args.lr_end,
+                          weight_decay=args.weight_decay, patience=args.patience,
+                          max_minutes=args.max_minutes, backend=backend, loss=loss)
+    except ValueError as err:
+        _fail(str(err))
+    dtype = np.float64 if args.dtype == "float64" else np.float32
+    progress = not args.no_progress
+    from tqdm import tqdm
+
+    all_configs = list(train_configs) + list(valid_configs)
+    with tqdm(total=len(all_configs), desc="neighbour lists", disable=not progress,
+              file=sys.stderr, leave=False) as bar:
+        # One padding for both sets: the jitted prediction compiles once.
+        data = pad_configurations(all_configs, model.species, model.r_cut, backend, dtype,
+                                  progress=bar.update)
+    n_train = len(train_configs)
+    train = take(data, np.arange(n_train))
+    valid = take(data, np.arange(n_train, len(all_configs)))
+    trainer = Trainer(model, train, valid, cfg, valid_ids=valid_ids, outliers=args.outliers,
+                      valid_energy64=[c.energy for c in valid_configs],
+                      train_energy64=[c.energy for c in train_configs])
+    state = trainer.load_state(state_path) if args.resume else trainer.init_state()
+
+    log = {"command": "train", "data": str(args.data), "valid_data": args.valid,
+           "model": model.to_config(), "settings": cfg.identity() | {
+               "epochs": cfg.epochs, "patience": cfg.patience, "max_minutes": cfg.max_minutes},
+           "backend": backend, "dtype": args.dtype, "n_train": len(train_configs),
+           "n_valid": len(valid_configs), "train_ids": [int(i) for i in train_ids],
+           "valid_ids": [int(i) for i in valid_ids], "outliers": list(args.outliers),
+           "epochs": state.history}
+
+    def write_model(params):
+        if cfg.committee == 1:
+            save(out, model, member(params, 0))
+        else:
+            save_committee(out, model, params)
+
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="train", unit="epoch",
+               disable=not progress, file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def on_epoch(st, entry):
+        v = entry["valid"].get("all", {})
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['train_loss']:.4g}",
+                        F=f"{v.get('force_mae_mev_A', math.nan):.1f}meV/Å",
+                        E=f"{v.get('energy_mae_mev_atom', math.nan):.2f}meV/at",
+                        t=f"{time.perf_counter() - t0:.0f}s")
+        if entry["best"]:
+            write_model(st.best_params)
+        if args.log:
+            _write_json(args.log, log)
+
+    state = trainer.fit(state, state_path=state_path, on_epoch=on_epoch)
+    bar.close()
+    final = trainer.final_params(state)
+    write_model(final)
+    final_metrics = trainer.validate(final)
+    log["epochs"] = state.history
+    log["final"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
+                    "valid": final_metrics, "wall_time_s": state.elapsed}
+    if args.log:
+        _write_json(args.log, log)
+    if args.parity:
+        from .plots import parity_plot
+
+        E, F = trainer.predict(final, trainer.valid)
+        mask = np.asarray(valid.atom_mask, bool)
+        n = np.asarray(valid.n_atoms, np.float64)
+        e_ref = np.array([c.energy for c in valid_configs]) / n
+        parity_plot(args.parity, np.asarray(valid.forces)[mask], F.mean(1)[mask], e_ref,
+                    E.mean(1) / n, title=f"{model.species} validation, epoch {state.best_epoch}",
+                    highlight=np.isin(valid_ids, args.outliers) if args.outliers else None)
+    m = final_metrics.get("all", {})
+    print(f"trained {state.epoch} epochs ({state.elapsed:.0f} s); best epoch {state.best_epoch}; "
+          f"validation energy MAE {m.get('energy_mae_mev_atom', math.nan):.3f} meV/atom, "
+          f"force MAE {m.get('force_mae_mev_A', math.nan):.2f} meV/Å; wrote {out}")
+    if "without_outliers" in final_metrics:
+        w = final_metrics["without_outliers"]
+        print(f"without outliers {list(args.outliers)}: energy MAE "
+              f"{w.get('energy_mae_mev_atom', math.nan):.3f} meV/atom, force MAE "
+              f"{w.get('force_mae_mev_A', math.nan):.2f} meV/Å")
+    return 0

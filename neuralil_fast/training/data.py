@@ -1,0 +1,151 @@
+"""Padded, stacked training data with precomputed neighbour pairs.
+
+Positions do not change during training, so every configuration's neighbour
+pairs are found once (``neighbors.allocate``) and stored.  Configurations of
+different sizes are padded to static shapes so that the jitted step compiles
+once:
+
+    positions (C, N, 3) Å       padding atoms: masked, species 0, no pairs
+    cell (C, 3, 3) Å            species (C, N) int32   atom_mask (C, N) 0/1
+    centers/neighbors (C, P)    padding pairs carry centre = neighbour = N
+    shifts (C, P, 3) int32      energy (C,) eV   forces (C, N, 3) eV/Å   n_atoms (C,)
+
+N is the largest atom count, P the largest pair count (or a given capacity).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..geometry import species_indices
+from ..neighbors import allocate
+
+__all__ = ["PaddedData", "pad_configurations", "split_indices", "take"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaddedData:
+    positions: jax.Array
+    cell: jax.Array
+    species: jax.Array
+    atom_mask: jax.Array
+    centers: jax.Array
+    neighbors: jax.Array
+    shifts: jax.Array
+    energy: jax.Array
+    forces: jax.Array
+    n_atoms: jax.Array
+
+    def __len__(self):
+        return int(self.positions.shape[0])
+
+    @property
+    def max_atoms(self) -> int:
+        return int(self.positions.shape[1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.centers.shape[1])
+
+
+def take(data: PaddedData, idx) -> PaddedData:
+    """Rows ``idx`` of every array (works inside jit)."""
+    return jax.tree.map(lambda a: a[idx], data)
+
+
+def host_pairs(conf, r_cut: float, backend: str):
+    """Centre-sorted (i, j, S) numpy pairs of one configuration, found once on the host.
+
+    The kernels' neighbour search for a kernel backend; for "reference" ASE's
+    ``neighbor_list("ijS")`` (the same pair set as ``neighbor_pairs_reference``, by the
+    convention of ``neighbors``, and much faster than the brute force on the host).
+    """
+    from ..backends import resolve_backend
+
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        from ase import Atoms
+        from ase.neighborlist import neighbor_list
+
+        atoms = Atoms(numbers=conf.numbers, positions=conf.positions, cell=conf.cell,
+                      pbc=conf.pbc)
+        i, j, S = neighbor_list("ijS", atoms, float(r_cut))
+        order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
+        return i[order], j[order], S[order]
+    with jax.enable_x64(True):  # host pairs from float64 positions
+        nl = allocate(conf.positions, conf.cell, conf.pbc, r_cut, 0.0, capacity_multiplier=1.0,
+                      backend=backend)
+    n = int(nl.n_pairs)
+    if bool(nl.did_overflow):
+        raise RuntimeError("neighbour list overflow in allocate")
+    return np.asarray(nl.centers)[:n], np.asarray(nl.neighbors)[:n], np.asarray(nl.shifts)[:n]
+
+
+def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "auto",
+                       dtype=np.float32, max_atoms: int | None = None,
+                       capacity: int | None = None, progress=None) -> PaddedData:
+    """Stack ``io.Configuration`` objects into a :class:`PaddedData` of numpy arrays.
+
+    species: the model's element symbols (index order); r_cut Å: the model's cutoff.
+    Raises ValueError for configurations without energy or forces, or with elements
+    outside ``species``.
+    """
+    if not configs:
+        raise ValueError("no configurations to pad")
+    n_max = max(c.n_atoms for c in configs) if max_atoms is None else int(max_atoms)
+    pairs = []
+    for k, c in enumerate(configs):
+        if c.energy is None or c.forces is None:
+            raise ValueError(f"configuration {k} lacks an energy or forces")
+        if c.n_atoms > n_max:
+            raise ValueError(f"configuration {k} has {c.n_atoms} atoms, more than {n_max}")
+        try:
+            sp = species_indices(c.numbers, tuple(species))
+        except ValueError as err:
+            raise ValueError(f"configuration {k}: {err}") from None
+        pairs.append((sp,) + host_pairs(c, r_cut, backend))
+        if progress is not None:
+            progress()
+    p_max = max(16, max(len(p[1]) for p in pairs)) if capacity is None else int(capacity)
+    C = len(configs)
+    out = dict(
+        positions=np.zeros((C, n_max, 3), dtype), cell=np.zeros((C, 3, 3), dtype),
+        species=np.zeros((C, n_max), np.int32), atom_mask=np.zeros((C, n_max), dtype),
+        centers=np.full((C, p_max), n_max, np.int32),
+        neighbors=np.full((C, p_max), n_max, np.int32),
+        shifts=np.zeros((C, p_max, 3), np.int32), energy=np.zeros((C,), np.float64),
+        forces=np.zeros((C, n_max, 3), dtype), n_atoms=np.zeros((C,), dtype),
+    )
+    for k, (c, (sp, ci, nj, S)) in enumerate(zip(configs, pairs)):
+        n, p = c.n_atoms, len(ci)
+        if p > p_max:
+            raise ValueError(f"configuration {k} has {p} pairs, more than the capacity {p_max}")
+        out["positions"][k, :n] = c.positions
+        out["cell"][k] = c.cell
+        out["species"][k, :n] = sp
+        out["atom_mask"][k, :n] = 1
+        out["centers"][k, :p] = ci
+        out["neighbors"][k, :p] = nj
+        out["shifts"][k, :p] = S
+        out["energy"][k] = c.energy
+        out["forces"][k, :n] = c.forces
+        out["n_atoms"][k] = n
+    out["energy"] = out["energy"].astype(dtype)
+    return PaddedData(**out)
+
+
+def to_device(data: PaddedData) -> PaddedData:
+    return jax.tree.map(jnp.asarray, data)
+
+
+def split_indices(n: int, n_valid: int, seed: int = 0):
+    """(train, valid) index arrays: ``default_rng(seed).permutation(n)``, last n_valid validate."""
+    if not 0 < n_valid < n:
+        raise ValueError(f"--n-valid must be between 1 and {n - 1} for {n} configurations, "
+                         f"got {n_valid}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[: n - n_valid], perm[n - n_valid:]

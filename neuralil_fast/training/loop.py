@@ -1,0 +1,351 @@
+"""The training loop: AdamW, one-cycle LR per epoch, keep-best, early stopping, checkpoints.
+
+Parameters are always held as a committee (a leading axis K on every leaf; K = 1
+for a single model).  One jitted step covers the whole batch: ``jax.vmap`` over
+the batch's configurations of :func:`neuralil_fast.committee.committee_evaluate`
+(descriptors once per configuration through the chosen backend, the K networks
+vmapped over parameters), the loss of each member, and one AdamW update (an
+elementwise optimiser on stacked parameters = K independent optimisers).
+
+Resuming is exact: the state file holds the parameters, the flattened optimiser
+state, epoch, step, the JAX key, the data-order seed, the best parameters and the
+history; the batch order of epoch e is ``default_rng([data_seed, e]).permutation``,
+so a resumed run repeats the uninterrupted run's arithmetic bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..backends import resolve_backend
+from ..committee import committee_evaluate, committee_size, stack
+from ..model import NeuralIL, save, load
+from .data import PaddedData, take, to_device
+from .losses import LossConfig, total_loss
+
+__all__ = ["TrainConfig", "Trainer", "TrainState", "metrics"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run (units: eV, Å, minutes)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    committee: int = 1
+    seed: int = 0                 # parameter initialisation
+    data_seed: int = 0            # batch order
+    lr_start: float = 1e-3
+    lr_peak: float = 1e-2
+    lr_end: float = 1e-5
+    weight_decay: float = 1e-4
+    patience: int | None = None   # epochs without validation improvement before stopping
+    max_minutes: float | None = None
+    backend: str = "auto"
+    loss: LossConfig = LossConfig()
+    fit_offset: bool = True       # least-squares energy offset at the start (and at the end
+    #                               when the energy is not trained on)
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.committee < 1:
+            raise ValueError("epochs must be >= 0, batch size and committee size >= 1")
+        if not (0 < self.lr_start and 0 < self.lr_peak and 0 < self.lr_end):
+            raise ValueError("learning rates must be > 0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError("patience must be >= 1 epochs")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError("max_minutes must be > 0")
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share (everything that changes the arithmetic)."""
+        d = dataclasses.asdict(self)
+        for k in ("epochs", "patience", "max_minutes"):
+            d.pop(k)
+        d["loss"] = dataclasses.asdict(self.loss)
+        return d
+
+
+@dataclasses.dataclass
+class TrainState:
+    params: dict                  # committee parameters (leading axis K)
+    opt_state: object
+    epoch: int                    # completed epochs
+    step: int                     # completed optimiser steps
+    key: np.ndarray               # jax.random.key_data of the initialisation key
+    best_params: dict
+    best_metric: float
+    best_epoch: int
+    bad_epochs: int
+    elapsed: float                # training seconds over all runs
+    history: list
+
+
+def onecycle(cfg: TrainConfig, steps_per_epoch: int):
+    """LR as a function of the optimiser step: one cosine one-cycle per epoch."""
+    sched = optax.cosine_onecycle_schedule(
+        transition_steps=max(2, steps_per_epoch), peak_value=cfg.lr_peak,
+        div_factor=cfg.lr_peak / cfg.lr_start, final_div_factor=cfg.lr_start / cfg.lr_end)
+    return lambda count: sched(count % steps_per_epoch)
+
+
+def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask) -> dict:
+    """MAE / RMSE of energies (meV/atom) and force components (meV/Å), numpy float64."""
+    dE = (np.asarray(energy_pred, np.float64) - np.asarray(energy_ref, np.float64)) / n_atoms
+    m = np.asarray(atom_mask, bool)
+    dF = (np.asarray(forces_pred, np.float64) - np.asarray(forces_ref, np.float64))[m]
+    if dE.size == 0:
+        return {"n_configs": 0}
+    return {
+        "n_configs": int(dE.size),
+        "energy_mae_mev_atom": float(1e3 * np.mean(np.abs(dE))),
+        "energy_rmse_mev_atom": float(1e3 * np.sqrt(np.mean(dE**2))),
+        "force_mae_mev_A": float(1e3 * np.mean(np.abs(dF))),
+        "force_rmse_mev_A": float(1e3 * np.sqrt(np.mean(dF**2))),
+    }
+
+
+class Trainer:
+    """Trains ``model`` on padded data.
+
+    train, valid: :class:`PaddedData` (numpy or device arrays); valid may be None.
+    energy_ref64: optional float64 reference energies of the validation set (metrics).
+    valid_ids: dataset indices of the validation configurations; ``outliers``: the
+    indices to leave out of the "without outliers" metrics.
+    """
+
+    def __init__(self, model: NeuralIL, train: PaddedData, valid: PaddedData | None,
+                 cfg: TrainConfig, valid_ids=None, outliers=(), valid_energy64=None,
+                 train_energy64=None):
+        self.model = model
+        self.cfg = cfg
+        self.backend = resolve_backend(cfg.backend)
+        self.train = to_device(train)
+        self.valid = to_device(valid) if valid is not None and len(valid) else None
+        self.n_train = len(train)
+        self.batch = min(cfg.batch_size, self.n_train)
+        self.steps_per_epoch = math.ceil(self.n_train / self.batch)
+        self.optimizer = optax.adamw(onecycle(cfg, self.steps_per_epoch),
+                                     weight_decay=cfg.weight_decay)
+        self.dtype = self.train.positions.dtype
+        self.valid_ids = None if valid_ids is None else np.asarray(valid_ids)
+        self.outliers = tuple(int(i) for i in outliers)
+        self.valid_energy64 = (None if self.valid is None else
+                               np.asarray(valid.energy if valid_energy64 is None
+                                          else valid_energy64, np.float64))
+        self.train_energy64 = np.asarray(train.energy if train_energy64 is None
+                                         else train_energy64, np.float64)
+        self._step = jax.jit(self._step_impl)
+        self._predict = jax.jit(self._predict_impl)
+
+    # ------------------------------------------------------------------ jitted pieces
+
+    def _evaluate_batch(self, params, batch: PaddedData):
+        def one(c):
+            out = committee_evaluate(self.model, params, c.positions, c.cell, c.species,
+                                     c.centers, c.neighbors, c.shifts, backend=self.backend,
+                                     atom_mask=c.atom_mask)
+            return out["energy"], out["forces"]
+
+        return jax.vmap(one)(batch)  # (B, K), (B, K, N, 3)
+
+    def _loss(self, params, data, idx, weight):
+        batch = take(data, idx)
+        E, F = self._evaluate_batch(params, batch)
+        per_member = jax.vmap(
+            lambda e, f: total_loss(self.cfg.loss, e, batch.energy, batch.n_atoms, weight, f,
+                                    batch.forces, batch.atom_mask),
+            in_axes=(1, 1))(E, F)
+        return jnp.sum(per_member), per_member
+
+    def _step_impl(self, params, opt_state, data, idx, weight):
+        (_, per_member), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            params, data, idx, weight)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, per_member
+
+    def _predict_impl(self, params, batch):
+        return self._evaluate_batch(params, batch)
+
+    # ------------------------------------------------------------------ host helpers
+
+    def _chunks(self, n):
+        """Index batches of static size covering range(n) (the last padded with index 0)."""
+        for start in range(0, n, self.batch):
+            idx = np.arange(start, min(n, start + self.batch))
+            pad = self.batch - len(idx)
+            yield np.concatenate([idx, np.zeros(pad, idx.dtype)]).astype(np.int32), len(idx)
+
+    def predict(self, params, data: PaddedData):
+        """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy."""
+        Es, Fs = [], []
+        for idx, n in self._chunks(len(data)):
+            E, F = self._predict(params, take(data, jnp.asarray(idx)))
+            Es.append(np.asarray(E)[:n])
+            Fs.append(np.asarray(F)[:n])
+        return np.concatenate(Es), np.concatenate(Fs)
+
+    def validate(self, params) -> dict:
+        """Validation metrics of the committee mean, with and without the outliers."""
+        if self.valid is None:
+            return {}
+        E, F = self.predict(params, self.valid)
+        v = self.valid
+        args = (E.mean(1), self.valid_energy64, np.asarray(v.n_atoms, np.float64), F.mean(1),
+                np.asarray(v.forces), np.asarray(v.atom_mask))
+        out = {"all": metrics(*args)}
+        if self.outliers and self.valid_ids is not None:
+            keep = ~np.isin(self.valid_ids, self.outliers)
+            out["without_outliers"] = metrics(*(a[keep] for a in args))
+        return out
+
+    def fit_offset(self, params, data: PaddedData | None = None, energy64=None):
+        """Shift each member's per-atom bias by the least-squares offset c = Σ N ΔE / Σ N²."""
+        data = self.train if data is None else data
+        energy64 = self.train_energy64 if energy64 is None else energy64
+        E, _ = self.predict(params, data)  # (C, K)
+        n = np.asarray(data.n_atoms, np.float64)
+        c = ((energy64[:, None] - E) * n[:, None]).sum(0) / (n * n).sum()  # (K,)
+        bias = params["params"]["denormalizer"]["bias"]
+        new_bias = bias + jnp.asarray(c, bias.dtype).reshape((-1,) + (1,) * (bias.ndim - 1))
+        params = jax.tree.map(lambda a: a, params)
+        params["params"] = dict(params["params"])
+        params["params"]["denormalizer"] = dict(params["params"]["denormalizer"], bias=new_bias)
+        return params
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self) -> TrainState:
+        key = jax.random.key(self.cfg.seed)
+        keys = jax.random.split(key, self.cfg.committee)
+        params = stack([self.model.init(k, self.dtype) for k in keys])
+        if self.cfg.fit_offset:
+            params = self.fit_offset(params)
+        opt_state = self.optimizer.init(params)
+        return TrainState(params=params, opt_state=opt_state, epoch=0, step=0,
+                          key=np.asarray(jax.random.key_data(key)),
+                          best_params=jax.tree.map(jnp.copy, params), best_metric=math.inf, best_epoch=0,
+                          bad_epochs=0, elapsed=0.0, history=[])
+
+    def save_state(self, path, state: TrainState) -> None:
+        extra = {"training": {
+            "epoch": state.epoch, "step": state.step,
+            "opt_state": [np.asarray(a) for a in jax.tree.leaves(state.opt_state)],
+            "key": np.asarray(state.key), "data_seed": self.cfg.data_seed,
+            "best_params": jax.tree.map(np.asarray, state.best_params),
+            "best_metric": float(state.best_metric), "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs, "elapsed": float(state.elapsed),
+            "history": state.history, "settings": _jsonable(self.cfg.identity()),
+        }}
+        save(path, self.model, jax.tree.map(np.asarray, state.params), extra=extra)
+
+    def load_state(self, path) -> TrainState:
+        model, params, extra = load(path, with_extra=True)
+        t = (extra or {}).get("training")
+        if t is None:
+            raise ValueError(f"{path} is not a training state (no training entry); "
+                             "start without --resume")
+        if model != self.model:
+            raise ValueError(f"{path}: its model settings {model.to_config()} differ from "
+                             f"this run's {self.model.to_config()}")
+        if t["settings"] != _jsonable(self.cfg.identity()):
+            raise ValueError(f"{path}: training settings differ from this run's "
+                             f"(stored {t['settings']}, now {_jsonable(self.cfg.identity())})")
+        if committee_size(params) != self.cfg.committee:
+            raise ValueError(f"{path}: committee size differs from this run's")
+        params = jax.tree.map(jnp.asarray, params)
+        template = self.optimizer.init(params)
+        leaves, treedef = jax.tree.flatten(template)
+        stored = t["opt_state"]
+        if len(stored) != len(leaves) or any(
+                np.shape(a) != np.shape(b) for a, b in zip(stored, leaves)):
+            raise ValueError(f"{path}: optimiser state does not match this run")
+        opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, b.dtype)
+                                                 for a, b in zip(stored, leaves)])
+        return TrainState(params=params, opt_state=opt_state, epoch=int(t["epoch"]),
+                          step=int(t["step"]), key=np.asarray(t["key"]),
+                          best_params=jax.tree.map(jnp.asarray, t["best_params"]),
+                          best_metric=float(t["best_metric"]), best_epoch=int(t["best_epoch"]),
+                          bad_epochs=int(t["bad_epochs"]), elapsed=float(t["elapsed"]),
+                          history=list(t["history"]))
+
+    # ------------------------------------------------------------------ the loop
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.data_seed, epoch]).permutation(self.n_train)
+
+    def run_epoch(self, state: TrainState):
+        """One epoch in place; returns the mean training loss (over steps and members)."""
+        order = self.epoch_order(state.epoch)
+        losses = []
+        for start in range(0, self.n_train, self.batch):
+            idx = order[start:start + self.batch]
+            weight = np.zeros(self.batch, np.float32)
+            weight[:len(idx)] = 1
+            idx = np.concatenate([idx, np.full(self.batch - len(idx), order[0])])
+            state.params, state.opt_state, per = self._step(
+                state.params, state.opt_state, self.train, jnp.asarray(idx, jnp.int32),
+                jnp.asarray(weight, self.dtype))
+            losses.append(per)
+            state.step += 1
+        state.epoch += 1
+        return float(np.mean(np.stack([np.asarray(l) for l in losses])))
+
+    def selection_metric(self, valid: dict) -> float:
+        m = valid.get("all", {})
+        key = "force_mae_mev_A" if self.cfg.loss.uses_forces else "energy_mae_mev_atom"
+        return float(m.get(key, math.nan))
+
+    def fit(self, state: TrainState, state_path=None, on_epoch=None) -> TrainState:
+        """Train until cfg.epochs, the patience or the time budget runs out.
+
+        Writes ``state_path`` (atomic) after every epoch; ``on_epoch(state, entry)`` is
+        called with the history entry of each epoch.
+        """
+        t_start = time.perf_counter()
+        while state.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            loss = self.run_epoch(state)
+            valid = self.validate(state.params)
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            metric = self.selection_metric(valid) if valid else -float(state.epoch)
+            improved = metric < state.best_metric
+            if improved:
+                state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
+                state.best_params = jax.tree.map(jnp.copy, state.params)
+            else:
+                state.bad_epochs += 1
+            entry = {"epoch": state.epoch, "step": state.step, "wall_time_s": state.elapsed,
+                     "epoch_time_s": dt, "train_loss": loss, "valid": valid, "best": improved}
+            state.history.append(entry)
+            if state_path is not None:
+                self.save_state(state_path, state)
+            if on_epoch is not None:
+                on_epoch(state, entry)
+            if self.cfg.patience is not None and state.bad_epochs >= self.cfg.patience:
+                break
+            if self.cfg.max_minutes is not None and \
+                    time.perf_counter() - t_start >= 60.0 * self.cfg.max_minutes:
+                break
+        return state
+
+    def final_params(self, state: TrainState):
+        """The best parameters; with the offset refitted when energies were not trained on."""
+        params = state.best_params
+        if self.cfg.fit_offset and not self.cfg.loss.uses_energy:
+            params = self.fit_offset(params)
+        return params
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
