@@ -111,11 +111,20 @@ def _reference_all(spec, n_atoms, d, centers, sp, X_bar, d_dot):
     return X, A, pull(X_bar)[0], X_dot
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reference_fwd(spec, n_atoms, d, centers, sp):
+    return (descriptors_reference(spec, d, centers, sp, n_atoms),
+            density_coefficients(spec, d, centers, sp, n_atoms))
+
+
 def _reference(spec, d, centers, sp, n_atoms, X_bar=None, d_dot=None):
-    X_bar = np.zeros((n_atoms, spec.n_features)) if X_bar is None else X_bar
-    d_dot = np.zeros_like(d) if d_dot is None else d_dot
+    """Float64 reference (x64 only inside): (X, A) or, given X_bar and d_dot, (X, A, vjp, jvp)."""
     with jax.enable_x64(True):
-        out = _reference_all(spec, n_atoms, *(jnp.asarray(a) for a in (d, centers, sp, X_bar, d_dot)))
+        args = tuple(jnp.asarray(a) for a in (d, centers, sp))
+        if X_bar is None:
+            out = _reference_fwd(spec, n_atoms, *args)
+        else:
+            out = _reference_all(spec, n_atoms, *args, jnp.asarray(X_bar), jnp.asarray(d_dot))
         return tuple(np.asarray(o) for o in out)
 
 
@@ -196,7 +205,7 @@ def test_forward_other_n_max(n_max):
     tables = build_tables(n_max, 3.0)
     off = offsets_from_centers(centers, 4)
     X, A = descriptors_fwd_torch(_torch(d), _torch(off), _torch(sp), tables, 4, block_p=16)
-    X_ref, A_ref = _reference(spec, d, centers, sp, 4)[:2]
+    X_ref, A_ref = _reference(spec, d, centers, sp, 4)
     _close(A.cpu().numpy(), A_ref, "float64", "A")
     _close(X.cpu().numpy(), X_ref, "float64", "X")
 
@@ -224,3 +233,51 @@ def test_ean_configuration0(dtype):
     d, centers, sp = _ean_subset([0, 1, 4, 7, 10, 165, 166])
     spec = DescriptorSpec(4, 3.5, 4)
     _check_all(spec, d, centers, sp, 7, dtype, block_p=32, seed=7)
+
+
+def test_jax_launchers_wiring(monkeypatch):
+    """The jax launchers through a stand-in for ``jax_triton.triton_call`` that follows its
+    documented convention (array inputs, then one pointer per out_shape entry, metaparams
+    as constexprs; non-zeroed outputs start as NaN here): checks argument order, shapes,
+    dtypes and the zeroed vjp output without a GPU.  Eager only (no jit)."""
+    import sys
+    import types
+
+    from neuralil_fast.kernels.gpu import descriptors as gd
+
+    calls = []
+
+    def triton_call(*args, kernel, out_shape, grid, num_warps=None, zeroed_outputs=(), **meta):
+        calls.append(kernel)
+        single = not isinstance(out_shape, (tuple, list))
+        shapes = [out_shape] if single else list(out_shape)
+        ins = [torch.from_numpy(np.array(a)).to(DEVICE) for a in args]
+        outs = []
+        for k, s in enumerate(shapes):
+            t = torch.from_numpy(np.zeros(s.shape, np.dtype(s.dtype))).to(DEVICE)
+            outs.append(t if k in zeroed_outputs else t.fill_(np.nan))
+        kernel[grid](*ins, *outs, num_warps=num_warps, **meta)
+        res = [jnp.asarray(o.cpu().numpy()) for o in outs]
+        return res[0] if single else tuple(res)
+
+    monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_call=triton_call))
+    d, centers, sp = _random_system(5, 4, 2, 6.0, 3.0)
+    spec = DescriptorSpec(2, 3.0, 2)
+    tables = build_tables(2, 3.0)
+    rng = np.random.default_rng(5)
+    X_bar = rng.normal(size=(4, spec.n_features))
+    d_dot = rng.normal(size=d.shape)
+    X_ref, A_ref, d_bar_ref, X_dot_ref = _reference(spec, d, centers, sp, 4, X_bar, d_dot)
+    with jax.enable_x64(True):
+        dj, cj, sj = jnp.asarray(d), jnp.asarray(centers), jnp.asarray(sp)
+        off = gd.offsets_from_centers(cj, 4)
+        X, A = gd.descriptors_fwd_jax(dj, off, sj, tables, 2)
+        d_bar = gd.descriptors_vjp_jax(dj, off, sj, A, jnp.asarray(X_bar), tables, 2)
+        X_dot = gd.descriptors_jvp_jax(dj, off, sj, A, jnp.asarray(d_dot), tables, 2)
+        assert X.dtype == jnp.float64 and d_bar.shape == d.shape
+        for got, want, what in ((X, X_ref, "X"), (A, A_ref, "A"), (d_bar, d_bar_ref, "vjp"),
+                                (X_dot, X_dot_ref, "jvp")):
+            _close(np.asarray(got), want, "float64", what)
+        X0, A0 = gd.descriptors_fwd_jax(dj, jnp.zeros(1, jnp.int32), sj, tables, 2)
+        assert X0.shape == (0, 18) and A0.shape == (0, 2, tables.n_nlm)
+    assert calls == [gd._fwd_kernel, gd._vjp_kernel, gd._jvp_kernel]

@@ -583,7 +583,7 @@ def _jax_common(displacements, offsets, neighbor_species):
 
 
 def descriptors_fwd_jax(displacements, offsets, neighbor_species, tables: DescriptorTables,
-                        n_species: int, *, block_p: int = 32, num_warps: int = 4):
+                        n_species: int, *, block_p: int = 16, num_warps: int = 4):
     """(X (N, F), A (N, S, n_nlm)) on jax arrays through jax_triton (GPU; jit-able).
 
     ``tables`` and ``n_species`` are static; N = offsets.shape[0] - 1.
@@ -596,14 +596,16 @@ def descriptors_fwd_jax(displacements, offsets, neighbor_species, tables: Descri
     ftab, itab = _jax_tables(tables, d.dtype)
     out_shape = (jax.ShapeDtypeStruct((n_atoms, tables.n_features(n_species)), d.dtype),
                  jax.ShapeDtypeStruct((n_atoms, n_species, tables.n_nlm), d.dtype))
+    if n_atoms == 0:
+        return tuple(jax.numpy.zeros(o.shape, o.dtype) for o in out_shape)
     X, A = jt.triton_call(d, off, sp, ftab, itab, kernel=_fwd_kernel, out_shape=out_shape,
-                          grid=(max(n_atoms, 1),), num_warps=num_warps,
+                          grid=(n_atoms,), num_warps=num_warps,
                           **tables.constexprs(n_species, block_p))
     return X, A
 
 
 def descriptors_vjp_jax(displacements, offsets, neighbor_species, A, X_bar,
-                        tables: DescriptorTables, n_species: int, *, block_p: int = 32,
+                        tables: DescriptorTables, n_species: int, *, block_p: int = 16,
                         num_warps: int = 4):
     """d_bar (P, 3) on jax arrays through jax_triton; padding rows 0 (zeroed output)."""
     import jax
@@ -613,14 +615,16 @@ def descriptors_vjp_jax(displacements, offsets, neighbor_species, A, X_bar,
     n_atoms = off.shape[0] - 1
     ftab, itab = _jax_tables(tables, d.dtype)
     out_shape = jax.ShapeDtypeStruct(d.shape, d.dtype)
+    if n_atoms == 0:
+        return jax.numpy.zeros(d.shape, d.dtype)
     return jt.triton_call(d, off, sp, ftab, itab, A.astype(d.dtype), X_bar.astype(d.dtype),
-                          kernel=_vjp_kernel, out_shape=out_shape, grid=(max(n_atoms, 1),),
+                          kernel=_vjp_kernel, out_shape=out_shape, grid=(n_atoms,),
                           num_warps=num_warps, zeroed_outputs=(0,),
                           **tables.constexprs(n_species, block_p))
 
 
 def descriptors_jvp_jax(displacements, offsets, neighbor_species, A, d_dot,
-                        tables: DescriptorTables, n_species: int, *, block_p: int = 32,
+                        tables: DescriptorTables, n_species: int, *, block_p: int = 16,
                         num_warps: int = 4):
     """X_dot (N, F) on jax arrays through jax_triton."""
     import jax
@@ -630,6 +634,8 @@ def descriptors_jvp_jax(displacements, offsets, neighbor_species, A, d_dot,
     n_atoms = off.shape[0] - 1
     ftab, itab = _jax_tables(tables, d.dtype)
     out_shape = jax.ShapeDtypeStruct((n_atoms, tables.n_features(n_species)), d.dtype)
+    if n_atoms == 0:
+        return jax.numpy.zeros(out_shape.shape, d.dtype)
     return jt.triton_call(d, off, sp, ftab, itab, A.astype(d.dtype), d_dot.astype(d.dtype),
-                          kernel=_jvp_kernel, out_shape=out_shape, grid=(max(n_atoms, 1),),
+                          kernel=_jvp_kernel, out_shape=out_shape, grid=(n_atoms,),
                           num_warps=num_warps, **tables.constexprs(n_species, block_p))
