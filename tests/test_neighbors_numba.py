@@ -1,0 +1,312 @@
+"""Tests of the numba cell-list neighbour search against ASE.
+
+Every hypothesis case compares the (i, j, S) set with
+``ase.neighborlist.neighbor_list("ijS", atoms, r_cut)`` exactly (both sorted
+lexicographically).  float32 inputs are compared with ASE run on the same
+float32-rounded values (cast to float64), which is what the kernel computes.
+"""
+
+import numpy as np
+import pytest
+
+ase = pytest.importorskip("ase")
+from ase.geometry import cellpar_to_cell  # noqa: E402
+from ase.neighborlist import neighbor_list  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from neuralil_fast.kernels.cpu.neighbors import (  # noqa: E402
+    ERR_CELL,
+    ERR_NONFINITE,
+    ERR_RCUT,
+    count_and_fill,
+    neighbor_pairs_numba,
+)
+
+SETTINGS = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ---------------------------------------------------------------- helpers
+def _rows(i, j, S):
+    a = np.column_stack(
+        [np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(S, np.int64)]
+    ).reshape(-1, 5)
+    return a[np.lexsort(a.T[::-1])]
+
+
+def ase_pairs(positions, cell, pbc, r_cut):
+    atoms = ase.Atoms(
+        positions=np.asarray(positions, np.float64), cell=cell, pbc=pbc
+    )
+    return neighbor_list("ijS", atoms, float(r_cut))
+
+
+def check_against_ase(positions, cell, pbc, r_cut):
+    i, j, S = neighbor_pairs_numba(positions, cell, pbc, r_cut)
+    n = len(positions)
+    assert i.dtype == np.int32 and j.dtype == np.int32 and S.dtype == np.int32
+    assert S.shape == (len(i), 3)
+    # CSR order: sorted by centre
+    assert np.all(np.diff(i) >= 0)
+    if len(i):
+        assert i.min() >= 0 and i.max() < n and j.min() >= 0 and j.max() < n
+    # no shifts along open directions
+    for c in range(3):
+        if not pbc[c]:
+            assert np.all(S[:, c] == 0)
+    ri, rj, rS = ase_pairs(positions, cell, pbc, r_cut)
+    got = _rows(i, j, S)
+    ref = _rows(ri, rj, rS)
+    if got.shape != ref.shape or not np.array_equal(got, ref):
+        gs = {tuple(r) for r in got.tolist()}
+        rs = {tuple(r) for r in ref.tolist()}
+        raise AssertionError(
+            f"mismatch: {len(got)} pairs vs ASE {len(ref)}; "
+            f"missing {sorted(rs - gs)[:5]}, extra {sorted(gs - rs)[:5]}, "
+            f"duplicates {len(got) - len(gs)}"
+        )
+    return len(got)
+
+
+def random_rotation(rng):
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+@st.composite
+def cells(draw, min_len=1.0, max_len=12.0):
+    """Triclinic cells, angles 40..140 degrees, randomly rotated."""
+    lengths = [draw(st.floats(min_len, max_len)) for _ in range(3)]
+    angles = [draw(st.floats(40.0, 140.0)) for _ in range(3)]
+    a, b, g = angles
+    # a valid parallelepiped needs each angle < sum of the others, sum < 360
+    assume(a + b + g < 355 and a < b + g - 5 and b < a + g - 5 and g < a + b - 5)
+    cell = cellpar_to_cell(lengths + angles)
+    vol = abs(np.linalg.det(cell))
+    assume(vol > 0.05 * np.prod(lengths))
+    if draw(st.booleans()):
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        cell = cell @ random_rotation(rng).T
+    return cell
+
+
+@st.composite
+def systems(draw, max_atoms=40, max_pairs=30000):
+    cell = draw(cells())
+    pbc = np.array([draw(st.booleans()) for _ in range(3)])
+    n = draw(st.integers(1, max_atoms))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    lo = draw(st.sampled_from([0.0, -0.5, -2.0]))  # atoms outside the cell
+    frac = rng.uniform(lo, 1.0 - lo, size=(n, 3))
+    positions = frac @ cell
+    # duplicate positions (distance exactly 0)
+    if n > 1 and draw(st.booleans()):
+        k = draw(st.integers(1, max(1, n // 3)))
+        src = rng.integers(0, n, size=k)
+        dst = rng.integers(0, n, size=k)
+        positions[dst] = positions[src]
+    # keep the number of pairs manageable for ASE (thin cells -> many images)
+    vol = abs(np.linalg.det(cell))
+    r_max = (max_pairs * vol / (4.19 * n * n)) ** (1 / 3)
+    r_cut = min(draw(st.floats(0.3, 6.0)), max(r_max, 0.05))
+    # open directions may carry a zero cell vector (ASE completes it)
+    cell = cell.copy()
+    for c in range(3):
+        if not pbc[c] and draw(st.booleans()):
+            cell[c] = 0.0
+    return positions, cell, pbc, r_cut
+
+
+# ------------------------------------------------------ hypothesis vs ASE
+@settings(max_examples=500, **SETTINGS)
+@given(systems())
+def test_random_systems_float64(system):
+    positions, cell, pbc, r_cut = system
+    check_against_ase(positions, cell, pbc, r_cut)
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(systems())
+def test_random_systems_float32(system):
+    positions, cell, pbc, r_cut = system
+    p32 = positions.astype(np.float32)
+    # the kernel works on the float32 values promoted to float64: compare with
+    # ASE on exactly those values
+    i, j, S = neighbor_pairs_numba(p32, cell, pbc, r_cut)
+    ri, rj, rS = ase_pairs(p32.astype(np.float64), cell, pbc, r_cut)
+    assert np.array_equal(_rows(i, j, S), _rows(ri, rj, rS))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    r_cut=st.floats(0.5, 8.0),
+    spread=st.floats(0.0, 30.0),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_fully_open_zero_cell(n, seed, r_cut, spread, dtype):
+    rng = np.random.default_rng(seed)
+    positions = (rng.normal(size=(n, 3)) * spread + 1000.0 * rng.normal(size=3))
+    positions = positions.astype(dtype)
+    pbc = np.zeros(3, bool)
+    i, j, S = neighbor_pairs_numba(positions, np.zeros((3, 3)), pbc, r_cut)
+    ri, rj, rS = ase_pairs(positions.astype(np.float64), np.zeros((3, 3)), pbc,
+                           r_cut)
+    assert np.array_equal(_rows(i, j, S), _rows(ri, rj, rS))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
+    spacing=st.sampled_from([0.5, 1.0, 1.5]),
+    r_cut=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0]),
+    pbc=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    dup=st.booleans(),
+)
+def test_lattice_exact_ties(shape, spacing, r_cut, pbc, dup):
+    """Simple-cubic grids: many distances are EXACTLY r_cut (excluded)."""
+    grid = np.stack(
+        np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1
+    ).reshape(-1, 3)
+    positions = grid * spacing
+    if dup:
+        positions = np.concatenate([positions, positions[:2]])
+    cell = np.diag(np.array(shape, float) * spacing)
+    check_against_ase(positions, cell, np.array(pbc), r_cut)
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(
+    n=st.integers(1000, 5000),
+    seed=st.integers(0, 2**32 - 1),
+    r_cut=st.sampled_from([3.5, 5.0]),
+    angles=st.tuples(*[st.floats(60.0, 120.0)] * 3),
+    pbc=st.sampled_from([(True, True, True), (True, True, False),
+                         (False, True, False)]),
+)
+def test_large_ean_density(n, seed, r_cut, angles, pbc):
+    assume(sum(angles) < 340 and max(angles) < sum(angles) - max(angles) - 10)
+    rng = np.random.default_rng(seed)
+    cell = cellpar_to_cell([1.0, 1.0, 1.0, *angles])
+    cell *= (n / 0.1 / abs(np.linalg.det(cell))) ** (1 / 3)
+    positions = rng.uniform(-0.2, 1.2, size=(n, 3)) @ cell
+    npairs = check_against_ase(positions, cell, np.array(pbc), r_cut)
+    assert npairs > 0
+
+
+# --------------------------------------------------------- special cases
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_self_image_and_duplicates(dtype):
+    # a single atom in a thin cell sees its own images; duplicates are kept
+    positions = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [5.0, 5.0, 5.0]],
+                         dtype)
+    cell = np.diag([1.0, 20.0, 20.0])
+    pbc = np.array([True, True, True])
+    n = check_against_ase(positions, cell, pbc, 2.5)
+    i, j, S = neighbor_pairs_numba(positions, cell, pbc, 2.5)
+    assert np.any((i == j) & np.any(S != 0, axis=1))
+    assert np.any((i == 0) & (j == 1) & np.all(S == 0, axis=1))
+    assert n > 0
+
+
+def test_empty_and_single():
+    i, j, S = neighbor_pairs_numba(np.zeros((0, 3)), np.eye(3), True, 2.0)
+    assert len(i) == 0 and S.shape == (0, 3)
+    i, j, S = neighbor_pairs_numba(np.zeros((1, 3)), np.zeros((3, 3)), False, 2.0)
+    assert len(i) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_overflow_and_reallocate(dtype):
+    rng = np.random.default_rng(0)
+    cell = cellpar_to_cell([9.0, 10.0, 11.0, 70.0, 100.0, 110.0])
+    positions = (rng.uniform(-0.3, 1.3, size=(200, 3)) @ cell).astype(dtype)
+    pbc = np.array([True, False, True])
+    r_cut = 3.5
+    ref = neighbor_pairs_numba(positions, cell, pbc, r_cut)
+    n_true = len(ref[0])
+    assert n_true > 100
+    for cap in [0, 1, 37, n_true - 1]:
+        ci = np.full(cap, -7, np.int32)
+        cj = np.full(cap, -7, np.int32)
+        cs = np.full((cap, 3), -7, np.int32)
+        n = count_and_fill(positions, cell, pbc, r_cut, cap, ci, cj, cs)
+        assert n == n_true  # true count even though it did not fit
+        # what was written is the prefix of the exact CSR list
+        np.testing.assert_array_equal(ci, ref[0][:cap])
+        np.testing.assert_array_equal(cj, ref[1][:cap])
+        np.testing.assert_array_equal(cs, ref[2][:cap])
+        # caller reallocates with the returned count
+        ci = np.empty(n, np.int32)
+        cj = np.empty(n, np.int32)
+        cs = np.empty((n, 3), np.int32)
+        assert count_and_fill(positions, cell, pbc, r_cut, n, ci, cj, cs) == n
+        np.testing.assert_array_equal(ci, ref[0])
+        np.testing.assert_array_equal(cj, ref[1])
+        np.testing.assert_array_equal(cs, ref[2])
+    # larger capacity: padding with centre = neighbour = N, shift 0
+    cap = n_true + 50
+    ci = np.full(cap, -7, np.int32)
+    cj = np.full(cap, -7, np.int32)
+    cs = np.full((cap, 3), -7, np.int32)
+    assert count_and_fill(positions, cell, pbc, r_cut, cap, ci, cj, cs) == n_true
+    np.testing.assert_array_equal(ci[:n_true], ref[0])
+    assert np.all(ci[n_true:] == 200) and np.all(cj[n_true:] == 200)
+    assert np.all(cs[n_true:] == 0)
+
+
+@pytest.mark.parametrize(
+    "positions, cell, pbc, r_cut, match",
+    [
+        ([[0, 0, 0], [np.nan, 0, 0]], np.eye(3) * 5, True, 2.0, "NaN or inf"),
+        ([[0, 0, 0], [np.inf, 0, 0]], np.zeros((3, 3)), False, 2.0, "NaN or inf"),
+        ([[0, 0, 0]], np.zeros((3, 3)), True, 2.0, "singular"),
+        ([[0, 0, 0]], [[1, 0, 0], [2, 0, 0], [0, 0, 1]], True, 2.0, "singular"),
+        ([[0, 0, 0]], [[1, 0, 0], [2, 0, 0], [0, 0, 0]], [True, True, False],
+         2.0, "singular"),
+        ([[0, 0, 0]], [[0, 0, 0], [0, 1, 0], [0, 0, 1]], [True, False, False],
+         2.0, "singular"),
+        ([[0, 0, 0]], [[1, 0, 0], [0, 1, 0], [1, 1, 0]], True, 2.0, "singular"),
+        ([[0, 0, 0]], np.eye(3) * 5, True, 0.0, "r_cut"),
+        ([[0, 0, 0]], np.eye(3) * 5, True, -1.0, "r_cut"),
+        ([[0, 0, 0]], np.eye(3) * 5, True, np.nan, "r_cut"),
+        ([[0, 0, 0]], np.eye(3) * 5, True, "abc", "r_cut"),
+        ([[0, 0]], np.eye(3) * 5, True, 1.0, "shape"),
+    ],
+)
+def test_bad_input(positions, cell, pbc, r_cut, match):
+    with pytest.raises(ValueError, match=match):
+        neighbor_pairs_numba(np.asarray(positions, float), cell, pbc, r_cut)
+
+
+def test_error_codes_from_njit_core():
+    buf_i = np.empty(4, np.int32)
+    buf_j = np.empty(4, np.int32)
+    buf_s = np.empty((4, 3), np.int32)
+    pos = np.array([[0.0, 0.0, 0.0], [np.nan, 0.0, 0.0]])
+    pbc = np.ones(3, bool)
+    assert count_and_fill(pos, np.eye(3), pbc, 1.0, 4, buf_i, buf_j, buf_s) \
+        == ERR_NONFINITE
+    pos = np.zeros((2, 3))
+    assert count_and_fill(pos, np.zeros((3, 3)), pbc, 1.0, 4, buf_i, buf_j,
+                          buf_s) == ERR_CELL
+    assert count_and_fill(pos, np.eye(3), pbc, 0.0, 4, buf_i, buf_j, buf_s) \
+        == ERR_RCUT
+
+
+def test_open_direction_ignores_cell_row():
+    rng = np.random.default_rng(3)
+    positions = rng.uniform(-5, 15, size=(100, 3))
+    pbc = np.array([True, False, True])
+    cell_a = np.array([[10.0, 0, 0], [0, 10.0, 0], [2.0, 0, 9.0]])
+    cell_b = cell_a.copy()
+    cell_b[1] = [3.0, 0.0, 0.0]  # junk row along the open direction
+    a = _rows(*neighbor_pairs_numba(positions, cell_a, pbc, 4.0))
+    b = _rows(*neighbor_pairs_numba(positions, cell_b, pbc, 4.0))
+    assert np.array_equal(a, b)
+    check_against_ase(positions, cell_a, pbc, 4.0)
