@@ -54,7 +54,7 @@ class GeneratorConfig:
     rattle_std: float = 0.05     # Å
     n_strain: int = 2            # strained copies per kept MD frame
     max_strain: float = 0.03
-    accuracy: float = 0.1        # tblite SCF accuracy (tblite default 1.0)
+    accuracy: float = xlabel.XTB_SETTINGS["accuracy"]  # tblite SCF accuracy (its default: 1.0)
     electronic_temperature: float = 300.0  # K, tblite default
     threads: int = 1             # OpenMP threads per process (1: bit-reproducible)
 
@@ -121,7 +121,7 @@ def run_chain(cfg: GeneratorConfig, chain: int, rng: np.random.Generator,
               progress: Callable[[int], None] | None = None) -> list[Atoms]:
     """Frames of one chain (temperature ``cfg.temperatures[chain]``)."""
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution as vd
     from ase.optimize import FIRE
 
     xlabel.set_threads(cfg.threads)
@@ -148,8 +148,11 @@ def run_chain(cfg: GeneratorConfig, chain: int, rng: np.random.Generator,
     if cfg.relax_steps > 0:
         FIRE(atoms, logfile=None).run(fmax=cfg.relax_fmax, steps=cfg.relax_steps)
 
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
+    if hasattr(vd, "thermalize_momenta"):  # ase >= 3.29; same draws as the old name
+        vd.thermalize_momenta(atoms, temperature, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    vd.Stationary(atoms)
     dyn = Langevin(atoms, timestep=cfg.timestep_fs * units.fs, temperature_K=temperature,
                    friction=cfg.friction_per_fs / units.fs, rng=rng,
                    fixcm=False)  # a drifting centre of mass is harmless here
