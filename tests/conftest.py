@@ -1,0 +1,126 @@
+"""Shared fixtures for the test-suite.
+
+* x64 is never switched on globally: tests that need float64 ask for the ``x64``
+  fixture or for the ``dtype`` parametrisation (float32 / float64 with per-dtype
+  tolerances in ``tol``).
+* Every test runs with ``jax_debug_nans`` on (autouse fixture): a NaN produced by
+  any primitive, forward or backward, fails the test.
+* ``shared_dir`` / ``ean_atoms``: the EAN DFT configurations in ../shared (tests
+  using them skip with a reason where ../shared is absent).
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# --------------------------------------------------------------------------- hypothesis
+
+settings.register_profile(
+    "neuralil",
+    deadline=None,
+    # The autouse debug-NaN / x64 fixtures wrap the whole test, every example included:
+    # that is what we want, so the function-scoped-fixture health check does not apply.
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=bool(os.environ.get("CI")),
+    print_blob=True,
+)
+settings.load_profile("neuralil")
+
+# --------------------------------------------------------------------------- JAX modes
+
+
+@pytest.fixture(autouse=True)
+def _debug_nans():
+    """Every test runs with jax_debug_nans on (restored afterwards)."""
+    with jax.debug_nans(True):
+        yield
+
+
+@pytest.fixture
+def x64():
+    """Run the test with 64-bit JAX types (restored afterwards; never global)."""
+    with jax.enable_x64(True):
+        yield
+
+
+# Per-dtype tolerances for comparisons of computed values (rtol; atol is relative to
+# the scale of the compared quantity) and for finite-difference gradient checks.
+TOLERANCES = {
+    "float32": dict(rtol=2e-4, atol=2e-5, fd_rtol=5e-2),
+    "float64": dict(rtol=1e-10, atol=1e-12, fd_rtol=1e-6),
+}
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    """A JAX float dtype; float64 runs inside ``jax.enable_x64(True)``."""
+    if request.param == "float64":
+        with jax.enable_x64(True):
+            yield jnp.float64
+    else:
+        yield jnp.float32
+
+
+@pytest.fixture
+def tol(dtype):
+    return TOLERANCES[jnp.dtype(dtype).name]
+
+
+# --------------------------------------------------------------------------- shared data
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+EAN_FILE = SHARED_DIR / "data" / "ean" / "ean_dft_60.jsonl"
+
+# Each EAN configuration: 15 ethylammonium cations then 15 nitrate anions.
+EAN_SYMBOLS = ["N", "H", "H", "H", "C", "H", "H", "C", "H", "H", "H"] * 15 + ["N", "O", "O", "O"] * 15
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DIR} is absent (it lives beside the checkout)")
+    return SHARED_DIR
+
+
+@lru_cache(maxsize=None)
+def _ean_lines() -> tuple[str, ...]:
+    if not EAN_FILE.is_file():
+        pytest.skip(f"EAN data {EAN_FILE} is absent (../shared/data/ean beside the checkout)")
+    return tuple(line for line in EAN_FILE.read_text().splitlines() if line.strip())
+
+
+def ean_atoms(index: int):
+    """EAN DFT configuration ``index`` (0-based line of ean_dft_60.jsonl) as ase.Atoms.
+
+    Positions as stored (possibly outside the cell), cubic periodic cell, the DFT
+    energy and forces in ``atoms.info["energy"]`` / ``atoms.arrays["dft_forces"]``.
+    Skips the calling test when ../shared is absent.
+    """
+    import ase
+
+    record = json.loads(_ean_lines()[index])
+    positions = np.asarray(record["Positions"], dtype=np.float64)
+    assert positions.shape == (len(EAN_SYMBOLS), 3)
+    atoms = ase.Atoms(
+        symbols=EAN_SYMBOLS,
+        positions=positions,
+        cell=np.diag(np.asarray(record["Cell-Size"], dtype=np.float64)),
+        pbc=True,
+    )
+    atoms.info["energy"] = float(record["Energy"])
+    atoms.arrays["dft_forces"] = np.asarray(record["Forces"], dtype=np.float64)
+    return atoms
+
+
+@pytest.fixture
+def ean(shared_dir):
+    """The ``ean_atoms`` helper as a fixture (skips where ../shared is absent)."""
+    return ean_atoms
