@@ -1,0 +1,98 @@
+"""``neuralil-fast md``: NVE/Langevin runs, log and trajectory files, one-line errors."""
+from __future__ import annotations
+
+import ase
+import ase.io
+import jax
+import numpy as np
+import pytest
+
+import neuralil_fast as nf
+from neuralil_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("md")
+    model = nf.NeuralIL(species=("C", "H", "N", "O"), r_cut=3.0, n_max=2, embed_dim=2,
+                        widths=(8, 8))
+    nf.save(d / "m.nil", model, model.init(jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    # A loose 16-atom box: 2x2x2 grid of C-H pairs etc., well separated.
+    grid = np.stack(np.meshgrid(*[np.arange(2)] * 3, indexing="ij"), -1).reshape(-1, 3) * 3.2
+    pos = np.concatenate([grid + 0.5, grid + [1.6, 0.5, 0.5]]) + rng.normal(0, 0.05, (16, 3))
+    atoms = ase.Atoms(["C", "N", "O", "H"] * 4, positions=pos, cell=[6.4] * 3, pbc=True)
+    atoms.write(d / "box.extxyz")
+    ase.Atoms("Si2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[5] * 3,
+              pbc=True).write(d / "si.extxyz")
+    (d / "junk.xyz").write_text("this is not a structure\n")
+    return d
+
+
+@pytest.mark.slow
+def test_nve_run_writes_log_traj_and_summary(files, capsys):
+    d = files
+    rc = main(["md", str(d / "m.nil"), str(d / "box.extxyz"), "--steps", "10", "--dt", "0.5",
+               "--temperature", "300", "--thermostat", "none", "--traj", str(d / "t.extxyz"),
+               "--traj-interval", "5", "--log", str(d / "thermo.log"), "--log-interval", "2",
+               "--backend", "reference", "--no-progress", "--seed", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "total-energy drift" in out and "meV/atom" in out and "atom-steps/s" in out
+    lines = (d / "thermo.log").read_text().splitlines()
+    assert lines[0].split()[1:] == ["step", "time_ps", "epot_eV", "ekin_eV", "etot_eV", "T_K"]
+    table = np.loadtxt(d / "thermo.log")
+    assert table.shape == (6, 6)
+    np.testing.assert_array_equal(table[:, 0], [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(table[:, 1], table[:, 0] * 0.5e-3)
+    np.testing.assert_allclose(table[:, 4], table[:, 2] + table[:, 3], rtol=1e-9)
+    # NVE at 0.5 fs: the total energy is conserved to well under 1 meV/atom over 10 steps.
+    assert np.ptp(table[:, 4]) / 16 < 1e-3
+    frames = ase.io.read(d / "t.extxyz", index=":")
+    assert len(frames) == 3 and "forces" in frames[-1].calc.results
+
+
+@pytest.mark.slow
+def test_langevin_runs(files, capsys):
+    d = files
+    rc = main(["md", str(d / "m.nil"), str(d / "box.extxyz"), "--steps", "5",
+               "--temperature", "300", "--thermostat", "langevin", "--friction", "0.02",
+               "--backend", "reference", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "(langevin)" in captured.out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["md", "{d}/m.nil", "{d}/missing.gro"], "no such structure file"),
+    (["md", "{d}/missing.nil", "{d}/box.extxyz"], "no such model file"),
+    (["md", "{d}/box.extxyz", "{d}/box.extxyz"], "cannot read the model"),
+    (["md", "{d}/m.nil", "{d}/junk.xyz"], "cannot read the structure"),
+    (["md", "{d}/m.nil"], "expected MODEL STRUCTURE"),
+    (["md", "{d}/m.nil", "{d}/box.extxyz", "--steps", "-1"], "--steps"),
+    (["md", "{d}/m.nil", "{d}/box.extxyz", "--dt", "0"], "--dt"),
+    (["md", "{d}/m.nil", "{d}/box.extxyz", "--thermostat", "langevin"], "needs --temperature"),
+    (["md", "{d}/m.nil", "{d}/si.extxyz", "--backend", "reference"], "unknown species"),
+    (["md", "--neuralil-pickle", "{d}/missing.pickle", "{d}/box.extxyz"], "no such parameter"),
+    (["md", "{d}/m.nil", "{d}/box.extxyz", "--backend", "nonsense"], "unknown backend"),
+])
+def test_bad_input_is_one_line_error(files, capsys, argv, message):
+    rc = main([a.format(d=files) for a in argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_ean_gro_with_the_neuralil_pickle(shared_dir, tmp_path, capsys):
+    ean = shared_dir / "data" / "ean"
+    rc = main(["md", "--neuralil-pickle", str(ean / "neuralil_morse_params.pickle"),
+               str(ean / "EAN_md_initial.gro"), "--steps", "2", "--log",
+               str(tmp_path / "l.log"), "--log-interval", "1", "--no-progress",
+               "--backend", "reference"])
+    assert rc == 0
+    table = np.loadtxt(tmp_path / "l.log")
+    assert table.shape == (3, 6)
+    # The .gro velocities are kept (no --temperature): EAN at about room temperature.
+    assert 150 < table[0, 5] < 600
