@@ -29,17 +29,28 @@ class Calculator(_AseCalculator):
     backend: "reference" | "numba" | "triton" | "auto".
     skin: Verlet skin, Å; the list is rebuilt when an atom moved more than skin / 2.
     dtype: "float64" (default) or "float32".
+    committee: with ``params`` given, True when they are a committee (a leading axis K on
+    every leaf); a path written by ``save_committee`` says so itself.  A committee gives
+    the members' mean energy, energies, forces and stress, plus "energy_uncertainty"
+    (eV, standard deviation over members) and "forces_uncertainty" ((N,) eV/Å,
+    sqrt(mean_k |F_k - F_mean|^2)).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
+                              "energy_uncertainty", "forces_uncertainty"]
 
     def __init__(self, model, params=None, backend: str = "auto", skin: float = 0.5,
-                 dtype: str = "float64", **kwargs):
+                 dtype: str = "float64", committee: bool = False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            from .model import load
+            from .committee import load_any
 
-            model, params = load(model)
+            model, params, size = load_any(model)
+            committee = size is not None
+        if committee:
+            from .committee import committee_size
+
+            committee_size(params)  # validates the leading axis
         if params is None:
             raise ValueError("pass the parameters with the model, or a path written by nf.save")
         if dtype not in ("float32", "float64"):
@@ -49,6 +60,7 @@ class Calculator(_AseCalculator):
         self.backend = resolve_backend(backend)
         self.skin = float(skin)
         self.dtype = dtype
+        self.committee = bool(committee)
         self._nl = None
         self._key = None
 
@@ -74,9 +86,16 @@ class Calculator(_AseCalculator):
         with jax.enable_x64(self.dtype == "float64"):
             nl = self._neighbors(system)
             dt = jnp.float64 if self.dtype == "float64" else jnp.float32
-            out = evaluate_jit(self.model, self.params, jnp.asarray(system.positions, dt),
-                               jnp.asarray(system.cell, dt), jnp.asarray(species), nl.centers,
-                               nl.neighbors, nl.shifts, backend=self.backend, stress=periodic)
+            args = (self.model, self.params, jnp.asarray(system.positions, dt),
+                    jnp.asarray(system.cell, dt), jnp.asarray(species), nl.centers,
+                    nl.neighbors, nl.shifts)
+            if self.committee:
+                from .committee import committee_evaluate_jit, summarize
+
+                out = summarize(committee_evaluate_jit(*args, backend=self.backend,
+                                                       stress=periodic))
+            else:
+                out = evaluate_jit(*args, backend=self.backend, stress=periodic)
             out = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
         self.results["energy"] = float(out["energy"])
         self.results["free_energy"] = float(out["energy"])
@@ -84,3 +103,6 @@ class Calculator(_AseCalculator):
         self.results["forces"] = out["forces"]
         if periodic:
             self.results["stress"] = out["stress"]
+        if self.committee:
+            self.results["energy_uncertainty"] = float(out["energy_uncertainty"])
+            self.results["forces_uncertainty"] = out["forces_uncertainty"]

@@ -15,6 +15,7 @@ so a resumed run repeats the uninterrupted run's arithmetic bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -86,12 +87,52 @@ class TrainState:
     history: list
 
 
-def onecycle(cfg: TrainConfig, steps_per_epoch: int):
+def onecycle(lr_start, lr_peak, lr_end, steps_per_epoch: int):
     """LR as a function of the optimiser step: one cosine one-cycle per epoch."""
     sched = optax.cosine_onecycle_schedule(
-        transition_steps=max(2, steps_per_epoch), peak_value=cfg.lr_peak,
-        div_factor=cfg.lr_peak / cfg.lr_start, final_div_factor=cfg.lr_start / cfg.lr_end)
+        transition_steps=max(2, steps_per_epoch), peak_value=lr_peak,
+        div_factor=lr_peak / lr_start, final_div_factor=lr_start / lr_end)
     return lambda count: sched(count % steps_per_epoch)
+
+
+def make_optimizer(lr_start, lr_peak, lr_end, weight_decay, steps_per_epoch):
+    """AdamW (decoupled weight decay) with the per-epoch one-cycle learning rate."""
+    return optax.adamw(onecycle(lr_start, lr_peak, lr_end, steps_per_epoch),
+                       weight_decay=weight_decay)
+
+
+def _evaluate_batch(model, backend, params, batch):
+    """vmap over the batch's configurations: E (B, K) eV, F (B, K, N, 3) eV/Å."""
+    def one(c):
+        out = committee_evaluate(model, params, c.positions, c.cell, c.species, c.centers,
+                                 c.neighbors, c.shifts, backend=backend, atom_mask=c.atom_mask)
+        return out["energy"], out["forces"]
+
+    return jax.vmap(one)(batch)
+
+
+def _loss_fn(model, backend, loss, params, data, idx, weight):
+    """(sum over members, per-member losses (K,)) of the batch ``idx`` of ``data``."""
+    batch = take(data, idx)
+    E, F = _evaluate_batch(model, backend, params, batch)
+    per_member = jax.vmap(
+        lambda e, f: total_loss(loss, e, batch.energy, batch.n_atoms, weight, f, batch.forces,
+                                batch.atom_mask),
+        in_axes=(1, 1))(E, F)
+    return jnp.sum(per_member), per_member
+
+
+@functools.partial(jax.jit, static_argnames=("model", "backend", "loss", "opt"))
+def _train_step(params, opt_state, data, idx, weight, *, model, backend, loss, opt):
+    (_, per_member), grads = jax.value_and_grad(_loss_fn, argnums=3, has_aux=True)(
+        model, backend, loss, params, data, idx, weight)
+    updates, opt_state = make_optimizer(*opt).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, per_member
+
+
+@functools.partial(jax.jit, static_argnames=("model", "backend"))
+def _predict_batch(params, batch, *, model, backend):
+    return _evaluate_batch(model, backend, params, batch)
 
 
 def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask) -> dict:
@@ -130,8 +171,9 @@ class Trainer:
         self.n_train = len(train)
         self.batch = min(cfg.batch_size, self.n_train)
         self.steps_per_epoch = math.ceil(self.n_train / self.batch)
-        self.optimizer = optax.adamw(onecycle(cfg, self.steps_per_epoch),
-                                     weight_decay=cfg.weight_decay)
+        self._opt_key = (cfg.lr_start, cfg.lr_peak, cfg.lr_end, cfg.weight_decay,
+                         self.steps_per_epoch)
+        self.optimizer = make_optimizer(*self._opt_key)
         self.dtype = self.train.positions.dtype
         self.valid_ids = None if valid_ids is None else np.asarray(valid_ids)
         self.outliers = tuple(int(i) for i in outliers)
@@ -140,37 +182,20 @@ class Trainer:
                                           else valid_energy64, np.float64))
         self.train_energy64 = np.asarray(train.energy if train_energy64 is None
                                          else train_energy64, np.float64)
-        self._step = jax.jit(self._step_impl)
-        self._predict = jax.jit(self._predict_impl)
 
     # ------------------------------------------------------------------ jitted pieces
-
-    def _evaluate_batch(self, params, batch: PaddedData):
-        def one(c):
-            out = committee_evaluate(self.model, params, c.positions, c.cell, c.species,
-                                     c.centers, c.neighbors, c.shifts, backend=self.backend,
-                                     atom_mask=c.atom_mask)
-            return out["energy"], out["forces"]
-
-        return jax.vmap(one)(batch)  # (B, K), (B, K, N, 3)
+    # Module-level jitted functions with hashable static settings: a second Trainer with
+    # the same model and settings (a resumed run in the same process) reuses the compiled code.
 
     def _loss(self, params, data, idx, weight):
-        batch = take(data, idx)
-        E, F = self._evaluate_batch(params, batch)
-        per_member = jax.vmap(
-            lambda e, f: total_loss(self.cfg.loss, e, batch.energy, batch.n_atoms, weight, f,
-                                    batch.forces, batch.atom_mask),
-            in_axes=(1, 1))(E, F)
-        return jnp.sum(per_member), per_member
+        return _loss_fn(self.model, self.backend, self.cfg.loss, params, data, idx, weight)
 
-    def _step_impl(self, params, opt_state, data, idx, weight):
-        (_, per_member), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            params, data, idx, weight)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, per_member
+    def _step(self, params, opt_state, data, idx, weight):
+        return _train_step(params, opt_state, data, idx, weight, model=self.model,
+                           backend=self.backend, loss=self.cfg.loss, opt=self._opt_key)
 
-    def _predict_impl(self, params, batch):
-        return self._evaluate_batch(params, batch)
+    def _predict(self, params, batch):
+        return _predict_batch(params, batch, model=self.model, backend=self.backend)
 
     # ------------------------------------------------------------------ host helpers
 

@@ -1,0 +1,75 @@
+"""Energy+force training steps per second: a batch of 8 EAN configurations (225 atoms each).
+
+Run::
+
+    /work/venv/bin/pytest benchmarks/test_bench_training.py --benchmark-enable \
+        --benchmark-columns=min,mean,rounds
+
+One jitted AdamW step (forward, forces, force+energy log-cosh loss, its parameter
+gradient, update) of the article's model (widths 64-32-16-16-16, n_max 4, r_cut
+3.5 Å, Morse term) in float32, ``backend="numba"`` next to ``backend="reference"``,
+committee sizes 1 and 4 (descriptors shared by the members).  The EAN data lives in
+../shared (skipped with a reason where it is absent); the numba column is skipped
+while its kernels raise NotImplementedError.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+EAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
+_RESULTS: dict[tuple, float] = {}
+
+
+@pytest.fixture(scope="module")
+def ean_batch():
+    if not EAN.is_file():
+        pytest.skip(f"EAN data {EAN} is absent (../shared beside the checkout)")
+    from neuralil_fast.io import ean_species_sequence, read_dataset
+
+    return read_dataset(EAN, ean_species_sequence(15))[:8]
+
+
+@pytest.mark.parametrize("committee", [1, 4])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_training_step(benchmark, ean_batch, backend, committee):
+    from neuralil_fast.model import NeuralIL
+    from neuralil_fast.training.data import pad_configurations
+    from neuralil_fast.training.loop import TrainConfig, Trainer
+
+    model = NeuralIL(species=("C", "H", "N", "O"))
+    try:
+        data = pad_configurations(ean_batch, model.species, model.r_cut, backend)
+        trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend=backend,
+                                                         committee=committee,
+                                                         fit_offset=False))
+        state = trainer.init_state()
+        idx = jnp.arange(8, dtype=jnp.int32)
+        w = jnp.ones(8, jnp.float32)
+        params, opt = trainer._step(state.params, state.opt_state, trainer.train, idx, w)[:2]
+    except NotImplementedError as err:
+        pytest.skip(f"backend {backend!r} is not wired yet: {err}")
+    jax.block_until_ready(params)
+
+    def step():
+        out = trainer._step(params, opt, trainer.train, idx, w)
+        jax.block_until_ready(out)
+
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        rate = 1.0 / benchmark.stats.stats.mean
+        benchmark.extra_info["steps_per_second"] = rate
+        benchmark.extra_info["configs_per_second"] = 8 * rate
+        _RESULTS[(backend, committee)] = rate
+
+
+def teardown_module(module):
+    if _RESULTS:
+        print("\ntraining steps/s (batch of 8 EAN configurations, float32):")
+        for (backend, k), rate in sorted(_RESULTS.items()):
+            print(f"  {backend:10s} committee {k}: {rate:7.2f} steps/s "
+                  f"({8 * rate:7.1f} configurations/s)")

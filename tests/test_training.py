@@ -1,0 +1,435 @@
+"""Training: losses, gradients, padding, committees, the loop, checkpoints, CLI, calculator.
+
+Tiny models (widths (8, 8), n_max 2) on tiny synthetic data: small periodic boxes
+labelled by ASE's smooth Lennard-Jones pair potential.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neuralil_fast.committee import (committee_evaluate, committee_size, load_any, member,
+                                     save_committee, stack, summarize)
+from neuralil_fast.io import Configuration
+from neuralil_fast.model import NeuralIL, load
+from neuralil_fast.training.data import pad_configurations, split_indices, take
+from neuralil_fast.training.losses import LossConfig, log_cosh, loss_terms, total_loss
+from neuralil_fast.training.loop import TrainConfig, Trainer
+
+SPECIES = ("H", "O")
+R_CUT = 3.0
+
+
+def tiny_model(**kw):
+    settings = dict(species=SPECIES, r_cut=R_CUT, n_max=2, embed_dim=2, widths=(8, 8))
+    settings.update(kw)
+    return NeuralIL(**settings)
+
+
+def lj_configs(n, seed=0, sizes=(6, 7, 8), box=4.6):
+    """Random periodic boxes labelled with ASE's smooth Lennard-Jones potential (eV, Å)."""
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        k = int(rng.choice(sizes))
+        atoms = Atoms(symbols=list(rng.choice(SPECIES, size=k)),
+                      positions=rng.uniform(0, box, (k, 3)), cell=np.eye(3) * box, pbc=True)
+        d = atoms.get_all_distances(mic=True)[np.triu_indices(k, 1)]
+        if d.min() < 1.45:
+            continue
+        atoms.calc = LennardJones(sigma=1.4, epsilon=0.3, rc=R_CUT, smooth=True)
+        out.append(Configuration(symbols=atoms.get_chemical_symbols(),
+                                 positions=atoms.positions, cell=atoms.cell.array, pbc=True,
+                                 energy=atoms.get_potential_energy(),
+                                 forces=atoms.get_forces()))
+    return out
+
+
+def write_extxyz(path, configs):
+    from neuralil_fast.io import write_dataset
+
+    write_dataset(path, configs)
+    return path
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_log_cosh_stable():
+    x = np.array([0.0, 0.3, -2.0, 50.0, -400.0])
+    ref = np.where(np.abs(x) < 20, np.log(np.cosh(np.clip(x, -20, 20))), np.abs(x) - np.log(2))
+    np.testing.assert_allclose(np.asarray(log_cosh(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["logcosh-norm", "logcosh-components", "mse"])
+def test_loss_values_by_hand(kind):
+    rng = np.random.default_rng(1)
+    B, N = 3, 4
+    n_atoms = np.array([4.0, 2.0, 3.0])
+    mask = (np.arange(N)[None] < n_atoms[:, None]).astype(np.float64)
+    weight = np.array([1.0, 1.0, 0.0])          # the last configuration is batch padding
+    Fp, Fr = rng.normal(size=(B, N, 3)), rng.normal(size=(B, N, 3))
+    Ep, Er = rng.normal(size=B) * 0.1, rng.normal(size=B) * 0.1
+    cfg = LossConfig(kind=kind)
+    f, e = loss_terms(cfg, jnp.asarray(Ep), jnp.asarray(Er), jnp.asarray(n_atoms),
+                      jnp.asarray(weight), jnp.asarray(Fp), jnp.asarray(Fr), jnp.asarray(mask))
+    # by hand, over the real atoms of the real configurations only
+    atoms = [(b, i) for b in range(2) for i in range(int(n_atoms[b]))]
+    dF = np.array([Fp[b, i] - Fr[b, i] for b, i in atoms])
+    dE = (Ep[:2] - Er[:2]) / n_atoms[:2]
+    lc = lambda x: np.log(np.cosh(x))
+    if kind == "logcosh-norm":
+        f_ref = np.mean(lc(np.linalg.norm(dF, axis=1) / 0.2))
+        e_ref = np.mean(lc(dE / 0.02))
+    elif kind == "logcosh-components":
+        f_ref = np.mean(lc(10.0 * dF) / 10.0)
+        e_ref = np.mean(lc(dE / 0.02))
+    else:
+        f_ref = np.mean(np.sum(dF**2, axis=1)) / 0.04
+        e_ref = np.mean(dE**2) / 0.02**2
+    np.testing.assert_allclose(float(f), f_ref, rtol=1e-5)
+    np.testing.assert_allclose(float(e), e_ref, rtol=1e-5)
+    args = (jnp.asarray(Ep), jnp.asarray(Er), jnp.asarray(n_atoms), jnp.asarray(weight),
+            jnp.asarray(Fp), jnp.asarray(Fr), jnp.asarray(mask))
+    np.testing.assert_allclose(float(total_loss(cfg, *args)), 0.5 * f_ref + 0.5 * e_ref, rtol=1e-5)
+    only_e = LossConfig(kind=kind, force_weight=0.0)
+    np.testing.assert_allclose(float(total_loss(only_e, *args)), 0.5 * e_ref, rtol=1e-5)
+
+
+def test_loss_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown loss"):
+        LossConfig(kind="huber")
+    with pytest.raises(ValueError, match="weights"):
+        LossConfig(force_weight=0.0, energy_weight=0.0)
+
+
+# --------------------------------------------------------------------------- padding, committees
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return lj_configs(14, seed=0)
+
+
+def test_split_indices():
+    tr, va = split_indices(60, 12, 0)
+    perm = np.random.default_rng(0).permutation(60)
+    assert list(tr) == list(perm[:48]) and list(va) == list(perm[48:])
+    with pytest.raises(ValueError):
+        split_indices(5, 5)
+
+
+def test_padding_does_not_change_results(configs, x64):
+    from neuralil_fast.neighbors import allocate
+    from neuralil_fast.potential import evaluate
+
+    model = tiny_model()
+    params = model.init(jax.random.key(1), jnp.float64)
+    few = [configs[0], configs[1], configs[2]]
+    assert len({c.n_atoms for c in few}) > 1 or True
+    data = pad_configurations(few, model.species, model.r_cut, "reference", np.float64,
+                              max_atoms=11, capacity=300)
+    P = stack([params])
+    for k, c in enumerate(few):
+        row = take(data, k)
+        out = committee_evaluate(model, P, jnp.asarray(row.positions), jnp.asarray(row.cell),
+                                 jnp.asarray(row.species), jnp.asarray(row.centers),
+                                 jnp.asarray(row.neighbors), jnp.asarray(row.shifts),
+                                 atom_mask=jnp.asarray(row.atom_mask))
+        nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
+        from neuralil_fast.geometry import species_indices
+
+        ref = evaluate(model, params, jnp.asarray(c.positions), jnp.asarray(c.cell),
+                       jnp.asarray(species_indices(c.numbers, model.species)), nl.centers,
+                       nl.neighbors, nl.shifts, stress=False)
+        n = c.n_atoms
+        np.testing.assert_allclose(float(out["energy"][0]), float(ref["energy"]), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(out["forces"][0, :n]), np.asarray(ref["forces"]),
+                                   rtol=1e-10, atol=1e-12)
+        assert np.all(np.asarray(out["forces"][0, n:]) == 0)
+        assert np.all(np.asarray(out["energies"][0, n:]) == 0)
+
+
+def test_committee_mean_and_spread_match_members(configs, x64):
+    from neuralil_fast.neighbors import allocate
+    from neuralil_fast.potential import evaluate
+    from neuralil_fast.geometry import species_indices
+
+    model = tiny_model()
+    members = [model.init(jax.random.key(k), jnp.float64) for k in range(3)]
+    P = stack(members)
+    assert committee_size(P) == 3
+    c = configs[3]
+    nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
+    args = (jnp.asarray(c.positions), jnp.asarray(c.cell),
+            jnp.asarray(species_indices(c.numbers, model.species)), nl.centers, nl.neighbors,
+            nl.shifts)
+    out = committee_evaluate(model, P, *args, stress=True)
+    refs = [evaluate(model, p, *args) for p in members]
+    for k, ref in enumerate(refs):
+        for name in ("energy", "energies", "forces", "stress"):
+            np.testing.assert_allclose(np.asarray(out[name][k]), np.asarray(ref[name]),
+                                       rtol=1e-10, atol=1e-12)
+    s = summarize(out)
+    E = np.array([float(r["energy"]) for r in refs])
+    F = np.stack([np.asarray(r["forces"]) for r in refs])
+    np.testing.assert_allclose(float(s["energy"]), E.mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(s["energy_uncertainty"]), E.std(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(s["forces"]), F.mean(0), rtol=1e-10, atol=1e-12)
+    spread = np.sqrt(np.mean(np.sum((F - F.mean(0)) ** 2, axis=-1), axis=0))
+    np.testing.assert_allclose(np.asarray(s["forces_uncertainty"]), spread, rtol=1e-10)
+    for k in range(3):
+        for a, b in zip(jax.tree.leaves(member(P, k)), jax.tree.leaves(members[k])):
+            assert np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- gradients, loop
+
+
+def test_force_loss_gradient_matches_finite_differences(configs, x64):
+    model = tiny_model()
+    data = pad_configurations(configs[:4], model.species, model.r_cut, "reference", np.float64)
+    cfg = TrainConfig(batch_size=4, backend="reference",
+                      loss=LossConfig(kind="logcosh-norm", energy_weight=0.0))
+    trainer = Trainer(model, data, None, cfg)
+    params = stack([model.init(jax.random.key(2), jnp.float64)])
+    idx = jnp.arange(4, dtype=jnp.int32)
+    w = jnp.ones(4)
+    loss = jax.jit(lambda p: trainer._loss(p, trainer.train, idx, w)[0])
+    g = jax.jit(jax.grad(loss))(params)
+    rng = np.random.default_rng(0)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
+    eps = 1e-5
+    plus = loss(jax.tree.map(lambda a, b: a + eps * b, params, v))
+    minus = loss(jax.tree.map(lambda a, b: a - eps * b, params, v))
+    fd = (plus - minus) / (2 * eps)
+    an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    np.testing.assert_allclose(float(an), float(fd), rtol=1e-6)
+    assert abs(float(an)) > 1e-6
+
+
+def test_training_decreases_validation_error(configs):
+    model = tiny_model()
+    data = pad_configurations(configs, model.species, model.r_cut, "reference")
+    train, valid = take(data, np.arange(10)), take(data, np.arange(10, 14))
+    cfg = TrainConfig(epochs=30, batch_size=4, backend="reference", committee=2)
+    trainer = Trainer(model, train, valid, cfg)
+    state = trainer.init_state()
+    before = trainer.validate(state.params)["all"]
+    state = trainer.fit(state)
+    after = trainer.validate(trainer.final_params(state))["all"]
+    assert after["force_mae_mev_A"] < 0.7 * before["force_mae_mev_A"], (before, after)
+    assert len(state.history) == 30
+    assert state.best_metric == min(h["valid"]["all"]["force_mae_mev_A"] for h in state.history)
+
+
+def test_forces_only_fits_energy_offset(configs):
+    model = tiny_model()
+    data = pad_configurations(configs[:8], model.species, model.r_cut, "reference")
+    cfg = TrainConfig(epochs=2, batch_size=4, backend="reference",
+                      loss=LossConfig(energy_weight=0.0))
+    trainer = Trainer(model, data, None, cfg)
+    state = trainer.fit(trainer.init_state())
+    params = trainer.final_params(state)
+    E, _ = trainer.predict(params, trainer.train)
+    n = np.asarray(data.n_atoms, np.float64)
+    resid = np.array([c.energy for c in configs[:8]]) - E[:, 0]
+    # least squares in the per-atom offset: the residuals are orthogonal to the atom counts
+    assert abs(np.sum(resid * n)) / np.sum(n * np.abs(resid)) < 1e-3
+
+
+# --------------------------------------------------------------------------- CLI, checkpoints
+
+
+def cli(args):
+    from neuralil_fast.cli import main
+
+    return main(["train", *map(str, args)])
+
+
+COMMON = ["--species", "H", "O", "--widths", "8", "8", "--n-max", "2", "--r-cut", str(R_CUT),
+          "--batch-size", "4", "--backend", "reference", "--no-progress", "--n-valid", "3"]
+
+
+@pytest.fixture(scope="module")
+def xyz(tmp_path_factory, configs):
+    return write_extxyz(tmp_path_factory.mktemp("data") / "lj.extxyz", configs[:11])
+
+
+def _params_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                      for x, y in zip(la, lb))
+
+
+CRASHER = textwrap.dedent("""
+    import os, signal, sys, tempfile
+    import neuralil_fast.io as io
+    crash_at = int(sys.argv[1])
+    original = io._atomic_write_bytes
+    seen = [0]
+    def crashing(path, data):
+        if str(path).endswith(".state"):
+            seen[0] += 1
+            if seen[0] == crash_at:
+                # half of the new file is on disk when the process dies
+                fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp",
+                                           dir=path.parent)
+                os.write(fd, data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(path, data)
+    io._atomic_write_bytes = crashing
+    from neuralil_fast.cli import main
+    sys.exit(main(["train"] + sys.argv[2:]))
+""")
+
+
+def test_kill_during_checkpoint_then_resume_is_bitwise(tmp_path, xyz):
+    epochs = 4
+    straight = tmp_path / "straight.nil"
+    assert cli([xyz, "--out", straight, "--epochs", epochs, "--committee", 2, *COMMON]) == 0
+    # killed while writing the state after epoch 3: the state of epoch 2 stays intact
+    crashed = tmp_path / "crashed.nil"
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHER)
+    proc = subprocess.run([sys.executable, str(script), "3", str(xyz), "--out", str(crashed),
+                           "--epochs", str(epochs), "--committee", "2", *COMMON],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state_path = Path(str(crashed) + ".state")
+    _, _, extra = load(state_path, with_extra=True)
+    assert extra["training"]["epoch"] == 2
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers  # the half-written temporary file of the killed write
+    assert cli([xyz, "--out", crashed, "--epochs", epochs, "--committee", 2, "--resume",
+                *COMMON]) == 0
+    a = load(Path(str(straight) + ".state"), with_extra=True)
+    b = load(state_path, with_extra=True)
+    assert _params_equal(a[1], b[1])
+    assert _params_equal(a[2]["training"]["best_params"], b[2]["training"]["best_params"])
+    assert _params_equal(a[2]["training"]["opt_state"], b[2]["training"]["opt_state"])
+    assert _params_equal(load(straight)[1], load(crashed)[1])
+    # N/2 epochs, then --resume for the rest
+    half = tmp_path / "half.nil"
+    assert cli([xyz, "--out", half, "--epochs", epochs // 2, "--committee", 2, *COMMON]) == 0
+    assert cli([xyz, "--out", half, "--epochs", epochs, "--committee", 2, "--resume",
+                *COMMON]) == 0
+    c = load(Path(str(half) + ".state"), with_extra=True)
+    assert _params_equal(a[1], c[1])
+    assert [h["train_loss"] for h in a[2]["training"]["history"]] == \
+        [h["train_loss"] for h in c[2]["training"]["history"]]
+    # resuming with other settings is refused
+    assert cli([xyz, "--out", half, "--epochs", epochs + 1, "--committee", 2, "--resume",
+                "--lr-peak", "0.02", *COMMON]) == 2
+
+
+def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
+    pytest.importorskip("matplotlib")
+    from ase import Atoms
+
+    from neuralil_fast.calculator import Calculator
+
+    out, log, png = tmp_path / "c.nil", tmp_path / "log.json", tmp_path / "parity.png"
+    assert cli([xyz, "--out", out, "--epochs", 2, "--committee", 3, "--log", log,
+                "--parity", png, "--outliers", 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                *COMMON]) == 0
+    entries = json.loads(log.read_text())
+    assert len(entries["epochs"]) == 2
+    first = entries["epochs"][0]
+    for key in ("wall_time_s", "train_loss", "valid"):
+        assert key in first
+    assert {"energy_mae_mev_atom", "force_mae_mev_A"} <= set(first["valid"]["all"])
+    assert first["valid"]["without_outliers"]["n_configs"] == 0
+    assert png.stat().st_size > 1000
+    model, params, k = load_any(out)
+    assert k == 3
+    c = lj_configs(1, seed=5)[0]
+    atoms = Atoms(symbols=c.symbols, positions=c.positions, cell=c.cell, pbc=True)
+    atoms.calc = Calculator(out, backend="reference")
+    e = atoms.get_potential_energy()
+    F = atoms.get_forces()
+    de = atoms.calc.get_property("energy_uncertainty")
+    dF = atoms.calc.get_property("forces_uncertainty")
+    singles = []
+    for i in range(3):
+        a2 = atoms.copy()
+        a2.calc = Calculator(model, member(params, i), backend="reference")
+        singles.append((a2.get_potential_energy(), a2.get_forces()))
+    E = np.array([s[0] for s in singles])
+    Fs = np.stack([s[1] for s in singles])
+    np.testing.assert_allclose(e, E.mean(), rtol=1e-6)
+    np.testing.assert_allclose(de, E.std(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(F, Fs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dF, np.sqrt(np.mean(np.sum((Fs - Fs.mean(0)) ** 2, -1), 0)),
+                               rtol=1e-4, atol=1e-8)
+    assert de > 0
+    # a single model has no uncertainty results; its path is unchanged
+    single = tmp_path / "single.nil"
+    from neuralil_fast.model import save
+
+    save(single, model, member(params, 0))
+    atoms.calc = Calculator(single, backend="reference")
+    np.testing.assert_allclose(atoms.get_potential_energy(), E[0], rtol=1e-6)
+    assert "energy_uncertainty" not in atoms.calc.results
+
+
+def test_ablation_options_build_the_right_model(tmp_path, xyz):
+    out = tmp_path / "ab.nil"
+    assert cli([xyz, "--out", out, "--epochs", 1, "--no-element-resolved", "--activation",
+                "selu", "--energy-only", *COMMON]) == 0
+    model, _ = load(out)
+    assert model.element_resolved is False and model.activation == "selu"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _record(c):
+    return {"Energy": c.energy, "Positions": c.positions.tolist(), "Forces": c.forces.tolist(),
+            "Cell-Size": np.diag(c.cell).tolist()}
+
+
+def test_bad_input_fails_before_training(tmp_path, configs, capsys):
+    same = [c for c in configs if c.n_atoms == configs[0].n_atoms][:3]
+    seq = list(same[0].symbols)
+    out = tmp_path / "never.nil"
+    good = _jsonl(tmp_path / "good.jsonl", [_record(c) for c in same])
+
+    def check(args, pattern):
+        capsys.readouterr()
+        assert cli(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert pattern in err, err
+        assert not out.exists()
+
+    recs = [_record(c) for c in same]
+    recs[1]["Forces"][2][1] = float("nan")
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text("".join(json.dumps(r).replace("NaN", "NaN") + "\n" for r in recs))
+    common = ["--out", out, "--species", "H", "O", "--no-progress", "--n-valid", "1"]
+    check([nan, "--species-sequence", *seq, *common], "NaN")
+    check([good, "--species-sequence", *(seq + ["H"]), *common], "atoms")
+    check([good, "--species-sequence", *seq, "--out", out, "--species", "H", "--no-progress"],
+          "not among the model's species")
+    check([good, "--species-sequence", *seq, *common[:-2], "--n-valid", "3"], "--n-valid")
+    check([tmp_path / "missing.jsonl", "--species-sequence", *seq, *common], "does not exist")
+    check([good, *common], "species_sequence")
+    check([good, "--species-sequence", *seq, *common, "--resume"], "no training state")
