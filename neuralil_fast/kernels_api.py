@@ -2,17 +2,43 @@
 
 Everything here takes and returns arrays in the project's pair layout (see
 ``neighbors``); the kernels themselves live in ``neuralil_fast.kernels``.
+
+Differentiation of the descriptor kernels
+-----------------------------------------
+``kernel_descriptors`` is a ``jax.custom_vjp`` whose backward is itself a
+``custom_vjp`` (``_descriptor_vjp``) in (displacements, A, X_bar):
+
+* first order (forces, stress): the vjp kernel;
+* d/dX_bar of the backward (training on forces: grad over parameters of a force
+  loss): the jvp kernel, since the backward is linear in X_bar;
+* d/d(displacements) of the backward (second derivatives in positions, e.g. a
+  Hessian by reverse-over-reverse): the pure-JAX reference, automatically.
+
+The residual A (density coefficients, O(N)) is an output of the forward
+primitive that carries no derivative: its dependence on the positions is
+accounted for by the reference second-derivative rule above, so no kernel
+needs a derivative rule of its own.
+Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) through a kernel
+backend raises JAX's custom_vjp error; use ``backend="reference"`` or
+``jax.jacrev(jax.jacrev(...))`` there.
 """
 from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 
 @functools.cache
 def numba_available() -> bool:
-    """True when the numba kernels are importable (the FFI itself may still fall back)."""
-    # Until the descriptor kernels are wired into JAX, "auto" means the reference path.
-    return False
+    """True when the numba descriptor kernels import (the FFI itself may still fall back)."""
+    try:
+        from .kernels.cpu import descriptors  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def host_pairs(positions, cell, pbc, r_cut, backend):
@@ -28,5 +54,108 @@ def jax_build_pairs(positions, cell, nl):
     raise NotImplementedError(f"no jittable neighbour kernel for backend {nl.backend!r}")
 
 
+# ---------------------------------------------------------------------------
+# Descriptor kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(n_max: int, r_cut: float, n_species: int, dtype: str):
+    from .kernels.cpu.descriptors import make_tables
+
+    return make_tables(n_max, r_cut, n_species, np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_kernels(dtype: str, table_specs: tuple):
+    """(fwd, vjp, jvp) NumbaFFIKernel objects for one float dtype and table layout."""
+    from .kernels.cpu import descriptors as k
+    from .kernels.ffi import NumbaFFIKernel
+
+    f = np.dtype(dtype).type
+    i32 = np.int32
+    ins = ((f, 2), (i32, 1), (i32, 1)) + table_specs
+    fwd = NumbaFFIKernel("nf_descriptors_fwd", k.descriptors_fwd, ins, ((f, 2), (f, 3)))
+    vjp = NumbaFFIKernel("nf_descriptors_vjp", k.descriptors_vjp, ins + ((f, 3), (f, 2)),
+                         ((f, 2),))
+    jvp = NumbaFFIKernel("nf_descriptors_jvp", k.descriptors_jvp, ins + ((f, 3), (f, 2)),
+                         ((f, 2),))
+    return fwd, vjp, jvp
+
+
+def _call(which: int, spec, n_atoms, d, offsets, species, *extra):
+    dtype = jnp.dtype(d.dtype).name
+    host_tables = _tables(spec.n_max, spec.r_cut, spec.n_species, dtype)
+    kern = _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in host_tables))[which]
+    tables = [jnp.asarray(t) for t in host_tables]
+    n_nlm = sum((spec.n_max - l + 1) * (2 * l + 1) for l in range(spec.n_max + 1))
+    X_shape = jax.ShapeDtypeStruct((n_atoms, spec.n_features), d.dtype)
+    if which == 0:
+        outs = [X_shape, jax.ShapeDtypeStruct((n_atoms, spec.n_species, n_nlm), d.dtype)]
+    elif which == 1:
+        outs = [jax.ShapeDtypeStruct(d.shape, d.dtype)]
+    else:
+        outs = [X_shape]
+    return kern(d, offsets, species, *tables, *extra, out_shapes=outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward(spec, n_atoms, d, centers, offsets, species):
+    """(X (N, F), A (N, S, n_nlm)); A carries no derivative of its own (see module doc)."""
+    return tuple(_call(0, spec, n_atoms, d, offsets, species))
+
+
+def _forward_fwd(spec, n_atoms, d, centers, offsets, species):
+    # Re-binding the primitive (not calling the kernel) keeps X differentiable
+    # when an outer derivative (reverse-over-reverse) traces this rule.
+    X, A = _forward(spec, n_atoms, d, centers, offsets, species)
+    return (X, A), (d, centers, offsets, species, A)
+
+
+def _forward_bwd(spec, n_atoms, res, cotangents):
+    d, centers, offsets, species, A = res
+    X_bar, _ = cotangents
+    d_bar = _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar)
+    return d_bar, None, None, None
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar):
+    return _call(1, spec, n_atoms, d, offsets, species, A, X_bar.astype(d.dtype))[0]
+
+
+def _descriptor_vjp_fwd(spec, n_atoms, d, centers, offsets, species, A, X_bar):
+    d_bar = _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar)
+    return d_bar, (d, centers, offsets, species, A, X_bar)
+
+
+def _descriptor_vjp_bwd(spec, n_atoms, res, d_bar_bar):
+    d, centers, offsets, species, A, X_bar = res
+    # The backward is linear in X_bar: its transpose is the descriptor JVP (kernel).
+    X_bar_bar = _call(2, spec, n_atoms, jax.lax.stop_gradient(d), offsets, species, A,
+                      d_bar_bar)[0]
+    # Second derivative in the displacements: the reference (pruned by XLA when unused).
+    from .descriptors import descriptors_reference
+
+    def first_order(dd):
+        return jax.vjp(lambda x: descriptors_reference(spec, x, centers, species, n_atoms),
+                       dd)[1](X_bar)[0]
+
+    d_cot = jax.vjp(first_order, d)[1](d_bar_bar)[0]
+    return d_cot, None, None, None, None, X_bar_bar
+
+
+_descriptor_vjp.defvjp(_descriptor_vjp_fwd, _descriptor_vjp_bwd)
+
+
 def kernel_descriptors(spec, displacements, centers, neighbor_species, n_atoms, backend):
-    raise NotImplementedError(f"no descriptor kernel for backend {backend!r}")
+    """Descriptors (n_atoms, n_features) through the kernels of ``backend``, differentiable."""
+    if backend != "numba":
+        raise NotImplementedError(f"no descriptor kernel for backend {backend!r}")
+    centers = centers.astype(jnp.int32)
+    offsets = jnp.searchsorted(centers, jnp.arange(n_atoms + 1, dtype=jnp.int32),
+                               side="left").astype(jnp.int32)
+    return _forward(spec, n_atoms, displacements, centers, offsets,
+                    neighbor_species.astype(jnp.int32))[0]
