@@ -25,7 +25,8 @@ from neuralil_fast.kernels.cpu.neighbors import (  # noqa: E402
 
 SETTINGS = dict(
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
 )
 
 
@@ -44,6 +45,37 @@ def ase_pairs(positions, cell, pbc, r_cut):
     return neighbor_list("ijS", atoms, float(r_cut))
 
 
+def assert_same_pairs(got, ref, positions, cell, r_cut):
+    """(i, j, S) sets must be equal.
+
+    The only tolerated differences are pairs whose distance is within 1e-12
+    (relative to the coordinate scale) of r_cut: ASE evaluates distances with
+    ``complete_cell(cell)``, which for a cell with two zero rows is rebuilt by
+    an SVD and can move a periodic vector by one ulp, flipping an exact tie
+    (found by hypothesis: |a| == r_cut == 1.25).  Everything else, including
+    exact ties in ordinary cells (see test_lattice_exact_ties), is exact.
+    """
+    got = _rows(*got)
+    ref = _rows(*ref)
+    if got.shape == ref.shape and np.array_equal(got, ref):
+        return len(got)
+    gs = {tuple(r) for r in got.tolist()}
+    rs = {tuple(r) for r in ref.tolist()}
+    assert len(gs) == len(got), "duplicate pairs"
+    diff = np.array(sorted(gs ^ rs), np.int64).reshape(-1, 5)
+    pos = np.asarray(positions, np.float64)
+    off = diff[:, 2:] @ np.asarray(cell, np.float64)
+    d = np.linalg.norm(pos[diff[:, 1]] - pos[diff[:, 0]] + off, axis=1)
+    scale = max(r_cut, np.abs(pos).max(initial=0.0), np.abs(off).max(initial=0.0))
+    ties = np.abs(d - r_cut) <= 1e-12 * scale
+    if not ties.all():
+        raise AssertionError(
+            f"mismatch: {len(got)} pairs vs ASE {len(ref)}; "
+            f"missing {sorted(rs - gs)[:5]}, extra {sorted(gs - rs)[:5]}"
+        )
+    return len(got)
+
+
 def check_against_ase(positions, cell, pbc, r_cut):
     i, j, S = neighbor_pairs_numba(positions, cell, pbc, r_cut)
     n = len(positions)
@@ -57,18 +89,11 @@ def check_against_ase(positions, cell, pbc, r_cut):
     for c in range(3):
         if not pbc[c]:
             assert np.all(S[:, c] == 0)
-    ri, rj, rS = ase_pairs(positions, cell, pbc, r_cut)
-    got = _rows(i, j, S)
-    ref = _rows(ri, rj, rS)
-    if got.shape != ref.shape or not np.array_equal(got, ref):
-        gs = {tuple(r) for r in got.tolist()}
-        rs = {tuple(r) for r in ref.tolist()}
-        raise AssertionError(
-            f"mismatch: {len(got)} pairs vs ASE {len(ref)}; "
-            f"missing {sorted(rs - gs)[:5]}, extra {sorted(gs - rs)[:5]}, "
-            f"duplicates {len(got) - len(gs)}"
-        )
-    return len(got)
+    # float32 input: the kernel works on the float32 values promoted to
+    # float64, so ASE gets exactly those values
+    pos64 = np.asarray(positions).astype(np.float64)
+    ref = ase_pairs(pos64, cell, pbc, r_cut)
+    return assert_same_pairs((i, j, S), ref, pos64, cell, r_cut)
 
 
 def random_rotation(rng):
@@ -133,12 +158,7 @@ def test_random_systems_float64(system):
 @given(systems())
 def test_random_systems_float32(system):
     positions, cell, pbc, r_cut = system
-    p32 = positions.astype(np.float32)
-    # the kernel works on the float32 values promoted to float64: compare with
-    # ASE on exactly those values
-    i, j, S = neighbor_pairs_numba(p32, cell, pbc, r_cut)
-    ri, rj, rS = ase_pairs(p32.astype(np.float64), cell, pbc, r_cut)
-    assert np.array_equal(_rows(i, j, S), _rows(ri, rj, rS))
+    check_against_ase(positions.astype(np.float32), cell, pbc, r_cut)
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -153,11 +173,7 @@ def test_fully_open_zero_cell(n, seed, r_cut, spread, dtype):
     rng = np.random.default_rng(seed)
     positions = (rng.normal(size=(n, 3)) * spread + 1000.0 * rng.normal(size=3))
     positions = positions.astype(dtype)
-    pbc = np.zeros(3, bool)
-    i, j, S = neighbor_pairs_numba(positions, np.zeros((3, 3)), pbc, r_cut)
-    ri, rj, rS = ase_pairs(positions.astype(np.float64), np.zeros((3, 3)), pbc,
-                           r_cut)
-    assert np.array_equal(_rows(i, j, S), _rows(ri, rj, rS))
+    check_against_ase(positions, np.zeros((3, 3)), np.zeros(3, bool), r_cut)
 
 
 @settings(max_examples=150, **SETTINGS)

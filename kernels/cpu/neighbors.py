@@ -219,13 +219,16 @@ def _validate(positions, cell, pbc, r_cut):
 # --------------------------------------------------------------------------
 @njit(cache=True)
 def _n_search(c, nb, h, per, rr):
-    if per[c]:
-        return int(math.ceil(rr * nb / h))
-    return 1 if nb > 1 else 0
+    if nb == 1 and not per[c]:
+        return 0
+    m = int(math.ceil(rr * nb / h))
+    if not per[c] and m > nb - 1:
+        m = nb - 1
+    return m
 
 
-@njit(cache=True, parallel=True)
-def _plan(positions, cell, pbc, r_cut):
+@njit(cache=True)
+def _plan(positions, cell, pbc, r_cut, sub):
     """Bin the atoms.  Assumes ``_validate`` returned 0 and N > 0."""
     n = positions.shape[0]
     rc = np.float64(r_cut)
@@ -238,7 +241,7 @@ def _plan(positions, cell, pbc, r_cut):
     # fractional coordinates and integer wrap shifts k (periodic dirs only)
     frac = np.empty((n, 3))
     kq = np.zeros((n, 3), np.int32)
-    for i in prange(n):
+    for i in range(n):
         x0 = np.float64(positions[i, 0])
         x1 = np.float64(positions[i, 1])
         x2 = np.float64(positions[i, 2])
@@ -270,7 +273,7 @@ def _plan(positions, cell, pbc, r_cut):
                     hi_c = v
             fmin[c] = lo_c
             h[c] = hi_c - lo_c  # open rows of M are orthonormal
-        nbf = math.floor(h[c] / rr)
+        nbf = math.floor(sub * h[c] / rr)
         if nbf < 1.0:
             nbf = 1.0
         if nbf > 1048576.0:
@@ -294,7 +297,7 @@ def _plan(positions, cell, pbc, r_cut):
 
     nbins = nb[0] * nb[1] * nb[2]
     binof = np.empty(n, np.int64)
-    for i in prange(n):
+    for i in range(n):
         lin = 0
         for cc in range(3):
             c = 2 - cc
@@ -328,7 +331,7 @@ def _plan(positions, cell, pbc, r_cut):
     ks = np.empty((n, 3), np.int32)
     xmax = 0.0
     kmax = np.zeros(3, np.int64)
-    for t in prange(n):
+    for t in range(n):
         i = perm[t]
         k0, k1, k2 = kq[i, 0], kq[i, 1], kq[i, 2]
         ks[t, 0] = k0
@@ -455,146 +458,214 @@ def _n_chunks(nbins):
     return min(nbins, 256)
 
 
-@njit(cache=True, parallel=True)
-def _count_kernel(positions, state, counts_sorted):
+@njit(cache=True)
+def _count_chunk(ch, nchunks, positions, state, counts_sorted):
     (nb, ms, per, M, cell_eff, xs, ys, zs, ks, perm, cell_start,
      maxbin, rc, lo, hi) = state
     nbins = nb[0] * nb[1] * nb[2]
     maxseg = (2 * ms[0] + 1) * (2 * ms[1] + 1) * (2 * ms[2] + 1)
-    nchunks = _n_chunks(nbins)
     self_counted = 1 if lo > 0.0 else 0
-    for ch in prange(nchunks):
-        b0 = ch * nbins // nchunks
-        b1 = (ch + 1) * nbins // nchunks
-        seg_a = np.empty((maxseg, 2), np.int64)
-        seg_q = np.empty((maxseg, 3), np.int64)
-        seg_o = np.empty((maxseg, 3))
-        for b in range(b0, b1):
-            t0 = cell_start[b]
-            t1 = cell_start[b + 1]
-            if t1 == t0:
-                continue
-            nseg = _bin_segments(b, nb, ms, per, M, cell_start, seg_a, seg_q, seg_o)
-            for t in range(t0, t1):
-                cx = xs[t]
-                cy = ys[t]
-                cz = zs[t]
-                total = 0
-                for s in range(nseg):
-                    px = cx - seg_o[s, 0]
-                    py = cy - seg_o[s, 1]
-                    pz = cz - seg_o[s, 2]
-                    a0 = seg_a[s, 0]
-                    a1 = seg_a[s, 1]
-                    c_lo = 0
-                    c_hi = 0
+    b0 = ch * nbins // nchunks
+    b1 = (ch + 1) * nbins // nchunks
+    seg_a = np.empty((maxseg, 2), np.int64)
+    seg_q = np.empty((maxseg, 3), np.int64)
+    seg_o = np.empty((maxseg, 3))
+    for b in range(b0, b1):
+        t0 = cell_start[b]
+        t1 = cell_start[b + 1]
+        if t1 == t0:
+            continue
+        nseg = _bin_segments(b, nb, ms, per, M, cell_start, seg_a, seg_q, seg_o)
+        for t in range(t0, t1):
+            cx = xs[t]
+            cy = ys[t]
+            cz = zs[t]
+            total = 0
+            for s in range(nseg):
+                px = cx - seg_o[s, 0]
+                py = cy - seg_o[s, 1]
+                pz = cz - seg_o[s, 2]
+                a0 = seg_a[s, 0]
+                a1 = seg_a[s, 1]
+                c_lo = 0
+                c_hi = 0
+                for u in range(a0, a1):
+                    dx = xs[u] - px
+                    dy = ys[u] - py
+                    dz = zs[u] - pz
+                    d2 = dx * dx + dy * dy + dz * dz
+                    c_lo += d2 < lo
+                    c_hi += d2 < hi
+                if c_hi != c_lo:
+                    # pairs within rounding of r_cut: decide as ASE does
+                    i = perm[t]
                     for u in range(a0, a1):
                         dx = xs[u] - px
                         dy = ys[u] - py
                         dz = zs[u] - pz
                         d2 = dx * dx + dy * dy + dz * dz
-                        c_lo += d2 < lo
-                        c_hi += d2 < hi
-                    if c_hi != c_lo:
-                        # pairs within rounding of r_cut: decide as ASE does
-                        i = perm[t]
-                        for u in range(a0, a1):
-                            dx = xs[u] - px
-                            dy = ys[u] - py
-                            dz = zs[u] - pz
-                            d2 = dx * dx + dy * dy + dz * dz
-                            if d2 >= lo and d2 < hi:
-                                if _exact_ok(
-                                    i, perm[u],
-                                    seg_q[s, 0] + ks[t, 0] - ks[u, 0],
-                                    seg_q[s, 1] + ks[t, 1] - ks[u, 1],
-                                    seg_q[s, 2] + ks[t, 2] - ks[u, 2],
-                                    positions, cell_eff, rc,
-                                ):
-                                    c_lo += 1
-                    total += c_lo
-                counts_sorted[t] = total - self_counted
+                        if d2 >= lo and d2 < hi:
+                            if _exact_ok(
+                                i, perm[u],
+                                seg_q[s, 0] + ks[t, 0] - ks[u, 0],
+                                seg_q[s, 1] + ks[t, 1] - ks[u, 1],
+                                seg_q[s, 2] + ks[t, 2] - ks[u, 2],
+                                positions, cell_eff, rc,
+                            ):
+                                c_lo += 1
+                total += c_lo
+            counts_sorted[t] = total - self_counted
 
 
-@njit(cache=True, parallel=True)
-def _fill_kernel(positions, state, offsets, capacity,
-                 centers_out, neighbors_out, shifts_out):
+@njit(cache=True)
+def _centre_pairs(t, i, p0, expected, nseg, seg_a, seg_q, seg_o, xs, ys, zs,
+                  ks, perm, lo, hi, positions, cell_eff, rc, idx,
+                  centers_out, neighbors_out, shifts_out):
+    """Write the ``expected`` pairs of centre ``i`` (sorted index ``t``) at
+    ``p0``.  Pairs clearly inside r_cut come first; if fewer than ``expected``
+    were found, the rest are within rounding of r_cut and are decided with
+    ASE's formula (the count pass used the same rule, so the total matches).
+    """
+    cx = xs[t]
+    cy = ys[t]
+    cz = zs[t]
+    kt0 = ks[t, 0]
+    kt1 = ks[t, 1]
+    kt2 = ks[t, 2]
+    p = p0
+    for s in range(nseg):
+        px = cx - seg_o[s, 0]
+        py = cy - seg_o[s, 1]
+        pz = cz - seg_o[s, 2]
+        a0 = seg_a[s, 0]
+        a1 = seg_a[s, 1]
+        q0 = seg_q[s, 0]
+        q1 = seg_q[s, 1]
+        q2 = seg_q[s, 2]
+        tself = t if (q0 == 0 and q1 == 0 and q2 == 0) else -1
+        nacc = 0
+        for u in range(a0, a1):  # branch-free compaction
+            dx = xs[u] - px
+            dy = ys[u] - py
+            dz = zs[u] - pz
+            d2 = dx * dx + dy * dy + dz * dz
+            idx[nacc] = u
+            nacc += (d2 < lo) & (u != tself)
+        for w in range(nacc):
+            u = idx[w]
+            centers_out[p] = i
+            neighbors_out[p] = perm[u]
+            shifts_out[p, 0] = q0 + kt0 - ks[u, 0]
+            shifts_out[p, 1] = q1 + kt1 - ks[u, 1]
+            shifts_out[p, 2] = q2 + kt2 - ks[u, 2]
+            p += 1
+    if p - p0 < expected:
+        for s in range(nseg):
+            px = cx - seg_o[s, 0]
+            py = cy - seg_o[s, 1]
+            pz = cz - seg_o[s, 2]
+            q0 = seg_q[s, 0]
+            q1 = seg_q[s, 1]
+            q2 = seg_q[s, 2]
+            for u in range(seg_a[s, 0], seg_a[s, 1]):
+                dx = xs[u] - px
+                dy = ys[u] - py
+                dz = zs[u] - pz
+                d2 = dx * dx + dy * dy + dz * dz
+                if d2 >= lo and d2 < hi:
+                    s0 = q0 + kt0 - ks[u, 0]
+                    s1 = q1 + kt1 - ks[u, 1]
+                    s2 = q2 + kt2 - ks[u, 2]
+                    if _exact_ok(i, perm[u], s0, s1, s2, positions, cell_eff,
+                                 rc):
+                        centers_out[p] = i
+                        neighbors_out[p] = perm[u]
+                        shifts_out[p, 0] = s0
+                        shifts_out[p, 1] = s1
+                        shifts_out[p, 2] = s2
+                        p += 1
+    return p - p0
+
+
+@njit(cache=True)
+def _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
+                centers_out, neighbors_out, shifts_out):
     (nb, ms, per, M, cell_eff, xs, ys, zs, ks, perm, cell_start,
      maxbin, rc, lo, hi) = state
     nbins = nb[0] * nb[1] * nb[2]
     maxseg = (2 * ms[0] + 1) * (2 * ms[1] + 1) * (2 * ms[2] + 1)
     maxlen = (2 * ms[0] + 1) * maxbin + 1
-    nchunks = _n_chunks(nbins)
-    for ch in prange(nchunks):
-        b0 = ch * nbins // nchunks
-        b1 = (ch + 1) * nbins // nchunks
-        seg_a = np.empty((maxseg, 2), np.int64)
-        seg_q = np.empty((maxseg, 3), np.int64)
-        seg_o = np.empty((maxseg, 3))
-        idx = np.empty(maxlen, np.int64)
-        for b in range(b0, b1):
-            t0 = cell_start[b]
-            t1 = cell_start[b + 1]
-            if t1 == t0:
+    b0 = ch * nbins // nchunks
+    b1 = (ch + 1) * nbins // nchunks
+    seg_a = np.empty((maxseg, 2), np.int64)
+    seg_q = np.empty((maxseg, 3), np.int64)
+    seg_o = np.empty((maxseg, 3))
+    idx = np.empty(maxlen, np.int64)
+    for b in range(b0, b1):
+        t0 = cell_start[b]
+        t1 = cell_start[b + 1]
+        if t1 == t0:
+            continue
+        nseg = _bin_segments(b, nb, ms, per, M, cell_start, seg_a, seg_q, seg_o)
+        for t in range(t0, t1):
+            i = perm[t]
+            p0 = offsets[i]
+            expected = offsets[i + 1] - p0
+            if expected == 0 or p0 >= capacity:
                 continue
-            nseg = _bin_segments(b, nb, ms, per, M, cell_start, seg_a, seg_q, seg_o)
-            for t in range(t0, t1):
-                i = perm[t]
-                p = offsets[i]
-                if p >= capacity:
-                    continue
-                cx = xs[t]
-                cy = ys[t]
-                cz = zs[t]
-                kt0 = ks[t, 0]
-                kt1 = ks[t, 1]
-                kt2 = ks[t, 2]
-                for s in range(nseg):
-                    px = cx - seg_o[s, 0]
-                    py = cy - seg_o[s, 1]
-                    pz = cz - seg_o[s, 2]
-                    a0 = seg_a[s, 0]
-                    a1 = seg_a[s, 1]
-                    q0 = seg_q[s, 0]
-                    q1 = seg_q[s, 1]
-                    q2 = seg_q[s, 2]
-                    tself = t if (q0 == 0 and q1 == 0 and q2 == 0) else -1
-                    nacc = 0
-                    nband = 0
-                    for u in range(a0, a1):
-                        dx = xs[u] - px
-                        dy = ys[u] - py
-                        dz = zs[u] - pz
-                        d2 = dx * dx + dy * dy + dz * dz
-                        idx[nacc] = u
-                        nacc += (d2 < lo) & (u != tself)
-                        nband += (d2 >= lo) & (d2 < hi)
-                    if nband > 0:
-                        for u in range(a0, a1):
-                            dx = xs[u] - px
-                            dy = ys[u] - py
-                            dz = zs[u] - pz
-                            d2 = dx * dx + dy * dy + dz * dz
-                            if d2 >= lo and d2 < hi:
-                                if _exact_ok(
-                                    i, perm[u],
-                                    q0 + kt0 - ks[u, 0],
-                                    q1 + kt1 - ks[u, 1],
-                                    q2 + kt2 - ks[u, 2],
-                                    positions, cell_eff, rc,
-                                ):
-                                    idx[nacc] = u
-                                    nacc += 1
-                    for w in range(nacc):
-                        if p >= capacity:
-                            break
-                        u = idx[w]
-                        centers_out[p] = i
-                        neighbors_out[p] = perm[u]
-                        shifts_out[p, 0] = q0 + kt0 - ks[u, 0]
-                        shifts_out[p, 1] = q1 + kt1 - ks[u, 1]
-                        shifts_out[p, 2] = q2 + kt2 - ks[u, 2]
-                        p += 1
+            if p0 + expected <= capacity:
+                _centre_pairs(t, i, p0, expected, nseg, seg_a, seg_q, seg_o,
+                              xs, ys, zs, ks, perm, lo, hi, positions,
+                              cell_eff, rc, idx,
+                              centers_out, neighbors_out, shifts_out)
+            else:
+                # the one centre straddling the capacity: build its run in
+                # scratch and copy the part that fits
+                tc = np.empty(expected, centers_out.dtype)
+                tj = np.empty(expected, neighbors_out.dtype)
+                tsh = np.empty((expected, 3), shifts_out.dtype)
+                _centre_pairs(t, i, 0, expected, nseg, seg_a, seg_q, seg_o,
+                              xs, ys, zs, ks, perm, lo, hi, positions,
+                              cell_eff, rc, idx, tc, tj, tsh)
+                for w in range(capacity - p0):
+                    centers_out[p0 + w] = tc[w]
+                    neighbors_out[p0 + w] = tj[w]
+                    shifts_out[p0 + w, 0] = tsh[w, 0]
+                    shifts_out[p0 + w, 1] = tsh[w, 1]
+                    shifts_out[p0 + w, 2] = tsh[w, 2]
+
+
+# Small systems run serially: a parallel region costs tens of microseconds
+# (and far more with the OpenMP layer on an oversubscribed machine).
+_PARALLEL_MIN_ATOMS = 4096
+
+
+@njit(cache=True, parallel=True)
+def _count_par(positions, state, counts_sorted, nchunks):
+    for ch in prange(nchunks):
+        _count_chunk(ch, nchunks, positions, state, counts_sorted)
+
+
+@njit(cache=True)
+def _count_ser(positions, state, counts_sorted, nchunks):
+    for ch in range(nchunks):
+        _count_chunk(ch, nchunks, positions, state, counts_sorted)
+
+
+@njit(cache=True, parallel=True)
+def _fill_par(positions, state, offsets, capacity, centers_out, neighbors_out,
+              shifts_out, nchunks):
+    for ch in prange(nchunks):
+        _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
+                    centers_out, neighbors_out, shifts_out)
+
+
+@njit(cache=True)
+def _fill_ser(positions, state, offsets, capacity, centers_out, neighbors_out,
+              shifts_out, nchunks):
+    for ch in range(nchunks):
+        _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
+                    centers_out, neighbors_out, shifts_out)
 
 
 @njit(cache=True)
@@ -630,21 +701,16 @@ def search_count(positions, cell, pbc, r_cut):
     code = _validate(positions, cell, pbc, r_cut)
     if code != 0 or n == 0:
         return code, _empty_state(), np.zeros(n + 1, np.int64)
-    state = _plan(positions, cell, pbc, r_cut)
+    state = _plan(positions, cell, pbc, r_cut, 1)
     counts_sorted = np.empty(n, np.int64)
-    _count_kernel(positions, state, counts_sorted)
+    nb = state[0]
+    nbins = nb[0] * nb[1] * nb[2]
+    if n >= _PARALLEL_MIN_ATOMS:
+        _count_par(positions, state, counts_sorted, _n_chunks(nbins))
+    else:
+        _count_ser(positions, state, counts_sorted, 1)
     offsets = _offsets_from_counts(state[9], counts_sorted)
     return 0, state, offsets
-
-
-@njit(cache=True, parallel=True)
-def _pad(start, capacity, n, centers_out, neighbors_out, shifts_out):
-    for p in prange(start, capacity):
-        centers_out[p] = n
-        neighbors_out[p] = n
-        shifts_out[p, 0] = 0
-        shifts_out[p, 1] = 0
-        shifts_out[p, 2] = 0
 
 
 @njit(cache=True)
@@ -663,10 +729,20 @@ def search_fill(positions, state, offsets, capacity,
         cap = 0
     total = offsets[n]
     if n > 0 and cap > 0:
-        _fill_kernel(positions, state, offsets, cap,
-                     centers_out, neighbors_out, shifts_out)
-    if total < cap:
-        _pad(total, cap, n, centers_out, neighbors_out, shifts_out)
+        nb = state[0]
+        nbins = nb[0] * nb[1] * nb[2]
+        if n >= _PARALLEL_MIN_ATOMS:
+            _fill_par(positions, state, offsets, cap, centers_out,
+                      neighbors_out, shifts_out, _n_chunks(nbins))
+        else:
+            _fill_ser(positions, state, offsets, cap, centers_out,
+                      neighbors_out, shifts_out, 1)
+    for p in range(total, cap):
+        centers_out[p] = n
+        neighbors_out[p] = n
+        shifts_out[p, 0] = 0
+        shifts_out[p, 1] = 0
+        shifts_out[p, 2] = 0
     return total
 
 
