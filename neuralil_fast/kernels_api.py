@@ -50,8 +50,36 @@ def host_pairs(positions, cell, pbc, r_cut, backend):
     raise NotImplementedError(f"no host neighbour kernel for backend {backend!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_pairs_kernel(dtype: str):
+    from .kernels.cpu.neighbors_ffi import build_pairs
+    from .kernels.ffi import NumbaFFIKernel
+
+    f = np.dtype(dtype).type
+    i32 = np.int32
+    return NumbaFFIKernel("nf_neighbor_pairs", build_pairs,
+                          ((f, 2), (f, 2), (np.bool_, 1), (f, 1)),
+                          ((i32, 1), (i32, 1), (i32, 2), (i32, 1)))
+
+
 def jax_build_pairs(positions, cell, nl):
-    raise NotImplementedError(f"no jittable neighbour kernel for backend {nl.backend!r}")
+    """Jittable rebuild of ``nl``'s pairs within r_cut + skin through the kernel of its backend.
+
+    Returns (centers, neighbors, shifts, count, invalid): ``count`` is the true number of
+    pairs (it may exceed the capacity: overflow); ``invalid`` flags bad input (NaN
+    positions, degenerate cell), for which the host reallocation raises a clear error.
+    """
+    if nl.backend != "numba":
+        raise NotImplementedError(f"no jittable neighbour kernel for backend {nl.backend!r}")
+    dtype = jnp.dtype(positions.dtype).name
+    cap = nl.capacity
+    c, j, S, count = _numba_pairs_kernel(dtype)(
+        positions, cell.astype(positions.dtype), jnp.asarray(nl.pbc),
+        jnp.full((1,), nl.r_cut + nl.skin, positions.dtype),
+        out_shapes=[jax.ShapeDtypeStruct((cap,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
+                    jax.ShapeDtypeStruct((cap, 3), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)])
+    count = count[0]
+    return c, j, S, jnp.maximum(count, 0), count < 0
 
 
 # ---------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def load(path, with_extra: bool = False):
     if not isinstance(config, dict) or config.get("model") != FORMAT_NAME:
         raise ValueError(f"{path}: not a neuralil_fast model checkpoint (model={config.get('model')!r})")
     model = NeuralIL.from_config(config["settings"])
-    params = jax.tree.map(jnp.asarray, params)
+    # numpy leaves keep the stored dtype exactly (jnp would narrow float64 without x64)
     return (model, params, extra) if with_extra else (model, params)
 
 

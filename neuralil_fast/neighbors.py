@@ -171,7 +171,7 @@ def allocate(positions, cell, pbc, r_cut: float, skin: float = 0.0, *,
     n_pairs = len(i)
     if capacity is None:
         capacity = max(16, int(math.ceil(n_pairs * capacity_multiplier)))
-    dtype = positions.dtype if positions.dtype in (np.float32, np.float64) else np.float64
+    dtype = jax.dtypes.canonicalize_dtype(positions.dtype)
     nl = NeighborList(
         centers=jnp.zeros(capacity, jnp.int32),
         neighbors=jnp.zeros(capacity, jnp.int32),

@@ -1,0 +1,129 @@
+"""Model + potential + calculator against independent oracles.
+
+- forces vs central finite differences of the energy, stress vs ASE's numerical stress
+  (float64, Morse term included);
+- the original NeuralIL's own figures on the shared EAN data, from its parameters;
+- save → load bit for bit; a short NVE run conserves energy.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.md.verlet import VelocityVerlet
+
+import neuralil_fast as nf
+
+SPECIES = ("C", "H", "N", "O")
+
+
+def _small_atoms(seed=0, n=10, box=5.0):
+    rng = np.random.default_rng(seed)
+    cell = np.diag([box, box * 1.05, box * 0.97]) + rng.uniform(-0.4, 0.4, (3, 3))
+    # a jittered grid keeps atoms apart
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
+    frac = (grid + 0.5 + rng.uniform(-0.2, 0.2, (n, 3))) / 3.0
+    return Atoms(symbols=rng.choice(SPECIES, n), scaled_positions=frac, cell=cell, pbc=True)
+
+
+def _model_and_params(seed=0):
+    model = nf.NeuralIL(species=SPECIES, r_cut=3.0, n_max=3, widths=(16, 8, 8))
+    with jax.enable_x64(True):
+        params = model.init(jax.random.key(seed), jnp.float64)
+        # make the Morse term matter at these distances
+        params["params"]["morse"]["embed"]["embedding"] = params["params"]["morse"]["embed"][
+            "embedding"] * 0 + jnp.array([1.2, 1.1, 0.3])
+    return model, params
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_forces_and_stress_vs_finite_differences(backend):
+    model, params = _model_and_params()
+    atoms = _small_atoms()
+    atoms.calc = nf.Calculator(model, params, backend=backend, skin=0.3)
+    forces = atoms.get_forces()
+    stress = atoms.get_stress()
+    assert np.abs(forces).max() > 1e-3
+    h = 1e-5
+    fd = np.zeros_like(forces)
+    for a in range(len(atoms)):
+        for k in range(3):
+            e = []
+            for s in (+1, -1):
+                shifted = atoms.copy()
+                shifted.calc = nf.Calculator(model, params, backend=backend)
+                shifted.positions[a, k] += s * h
+                e.append(shifted.get_potential_energy())
+            fd[a, k] = -(e[0] - e[1]) / (2 * h)
+    np.testing.assert_allclose(forces, fd, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
+    numerical = atoms.calc.calculate_numerical_stress(atoms, d=1e-6)
+    np.testing.assert_allclose(stress, numerical, rtol=1e-6, atol=1e-6 * np.abs(stress).max())
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(),
+                                                                 rel=1e-12)
+
+
+def test_save_load_bit_for_bit(tmp_path):
+    model, params = _model_and_params(3)
+    path = tmp_path / "model.nil"
+    nf.save(path, model, params)
+    model2, params2 = nf.load(path)
+    assert model2 == model
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    (tmp_path / "bad.nil").write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError):
+        nf.load(tmp_path / "bad.nil")
+    (tmp_path / "foreign.nil").write_text(json.dumps({"not": "a model"}))
+    with pytest.raises(ValueError):
+        nf.load(tmp_path / "foreign.nil")
+
+
+def test_calculator_rejects_unknown_species():
+    model, params = _model_and_params()
+    atoms = Atoms("Fe2", positions=[[0, 0, 0], [1.5, 0, 0]], cell=[5, 5, 5], pbc=True)
+    atoms.calc = nf.Calculator(model, params, backend="reference")
+    with pytest.raises(ValueError, match="Fe"):
+        atoms.get_potential_energy()
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_evaluate_reproduces_original_neuralil(shared_dir):
+    """The original code's figures on ean_dft_60.jsonl, from its own parameters."""
+    ean = shared_dir / "data" / "ean"
+    out = subprocess.run(
+        [sys.executable, "-m", "neuralil_fast", "evaluate", str(ean / "neuralil_morse_params.pickle"),
+         str(ean / "ean_dft_60.jsonl"), "--ean-pairs", "15", "--remove-offset", "--json",
+         "--backend", "numba"], capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout)
+    assert m["force_mae_meV_per_A"] == pytest.approx(65.59, abs=0.1)
+    assert m["force_rmse_meV_per_A"] == pytest.approx(103.69, abs=0.1)
+    assert m["energy_mae_meV_per_atom"] == pytest.approx(1.776, abs=0.01)
+    assert m["energy_rmse_meV_per_atom"] == pytest.approx(3.164, abs=0.01)
+    assert m["energy_offset_meV_per_atom"] == pytest.approx(1128.65, abs=0.01)
+    for s, ref in {"C": 58.0, "H": 41.7, "N": 156.2, "O": 74.1}.items():
+        assert m["per_element"][s]["force_mae_meV_per_A"] == pytest.approx(ref, abs=0.1)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_nve_energy_conservation_ean(shared_dir):
+    from ase.io import read
+
+    ean = shared_dir / "data" / "ean"
+    atoms = read(ean / "EAN_md_initial.gro")
+    model, params = nf.from_neuralil(ean / "neuralil_morse_params.pickle")
+    atoms.calc = nf.Calculator(model, params, backend="numba")
+    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy() / len(atoms)), interval=5)
+    dyn.run(200)
+    energies = np.array(energies) * 1000.0
+    assert np.ptp(energies) < 1.0, f"total energy wandered by {np.ptp(energies):.3f} meV/atom"
