@@ -15,6 +15,7 @@ from ase.neighborlist import neighbor_list  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import neuralil_fast.kernels.cpu.neighbors as nbm_module  # noqa: E402
 from neuralil_fast.kernels.cpu.neighbors import (  # noqa: E402
     ERR_CELL,
     ERR_NONFINITE,
@@ -326,3 +327,16 @@ def test_open_direction_ignores_cell_row():
     b = _rows(*neighbor_pairs_numba(positions, cell_b, pbc, 4.0))
     assert np.array_equal(a, b)
     check_against_ase(positions, cell_a, pbc, 4.0)
+
+
+def test_mmap_output_path(monkeypatch):
+    """Large outputs come from an anonymous mmap: same result, writeable."""
+    monkeypatch.setattr(nbm_module, "_MMAP_MIN_BYTES", 0)
+    rng = np.random.default_rng(5)
+    cell = cellpar_to_cell([12.0, 13.0, 14.0, 80.0, 95.0, 105.0])
+    positions = rng.uniform(0, 1, size=(300, 3)) @ cell
+    i, j, S = neighbor_pairs_numba(positions, cell, True, 4.0)
+    assert i.flags.writeable and S.shape == (len(i), 3)
+    check_against_ase(positions, cell, np.array([True] * 3), 4.0)
+    ref = ase_pairs(positions, cell, [True] * 3, 4.0)
+    assert_same_pairs((i, j, S), ref, positions, cell, 4.0)
