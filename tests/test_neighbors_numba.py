@@ -294,6 +294,7 @@ def test_overflow_and_reallocate(dtype):
         ([[0, 0, 0]], np.eye(3) * 5, True, np.nan, "r_cut"),
         ([[0, 0, 0]], np.eye(3) * 5, True, "abc", "r_cut"),
         ([[0, 0]], np.eye(3) * 5, True, 1.0, "shape"),
+        ([[0, 0, 0]], np.eye(3) * 1e-4, True, 20.0, "too thin"),
     ],
 )
 def test_bad_input(positions, cell, pbc, r_cut, match):
@@ -340,3 +341,88 @@ def test_mmap_output_path(monkeypatch):
     check_against_ase(positions, cell, np.array([True] * 3), 4.0)
     ref = ase_pairs(positions, cell, [True] * 3, 4.0)
     assert_same_pairs((i, j, S), ref, positions, cell, 4.0)
+
+
+# ------------------------------------------------------ Triton version
+def _triton_env():
+    """(torch, triton neighbour module) or skip with the reason."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install torch==2.13.0, the CPU build)")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    import torch
+
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "1") != "1":
+            pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+        # must be set before triton is first imported in this process
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import triton  # noqa: F401
+        from triton.runtime import interpreter  # noqa: F401
+    from neuralil_fast.kernels.gpu import neighbors as gnl
+
+    return torch, gnl
+
+
+def _triton_device(torch):
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(systems(max_atoms=10, max_pairs=400),
+       st.sampled_from([np.float64, np.float32]))
+def test_triton_matches_ase(system, dtype):
+    torch, gnl = _triton_env()
+    positions, cell, pbc, r_cut = system
+    positions = positions.astype(dtype)
+    # the interpreter runs ~27 interpreted bin visits per centre: keep cells
+    # at least ~r_cut thick so that the number of images stays small
+    assume(min(1.0 / np.linalg.norm(np.linalg.inv(cell if np.linalg.det(cell) else
+                                                  np.eye(3)), axis=0)) > 0.5 * r_cut
+           or not pbc.any())
+    x = torch.tensor(positions, device=_triton_device(torch))
+    i, j, S = gnl.neighbor_pairs_triton(x, cell, pbc, r_cut)
+    i, j, S = i.cpu().numpy(), j.cpu().numpy(), S.cpu().numpy()
+    assert np.all(np.diff(i) >= 0)
+    pos64 = positions.astype(np.float64)
+    ref = ase_pairs(pos64, cell, pbc, r_cut)
+    assert_same_pairs((i, j, S), ref, pos64, cell, r_cut)
+
+
+def test_triton_overflow_padding_and_errors():
+    torch, gnl = _triton_env()
+    dev = _triton_device(torch)
+    rng = np.random.default_rng(11)
+    cell = cellpar_to_cell([6.0, 6.5, 7.0, 75.0, 95.0, 105.0])
+    positions = rng.uniform(-0.2, 1.2, size=(8, 3)) @ cell
+    pbc = np.array([True, True, False])
+    ref = neighbor_pairs_numba(positions, cell, pbc, 3.0)
+    n_true = len(ref[0])
+    x = torch.tensor(positions, device=dev)
+    for cap in (5, n_true + 4):
+        ci = torch.full((cap,), -7, dtype=torch.int32, device=dev)
+        cj = torch.full((cap,), -7, dtype=torch.int32, device=dev)
+        cs = torch.full((cap, 3), -7, dtype=torch.int32, device=dev)
+        n = gnl.count_and_fill_triton(x, cell, pbc, 3.0, cap, ci, cj, cs)
+        assert n == n_true
+        m = min(cap, n_true)
+        # same CSR runs as the numba list (order inside a run may differ)
+        np.testing.assert_array_equal(ci.cpu().numpy()[:m], ref[0][:m])
+        if cap > n_true:
+            got = _rows(ci.cpu().numpy()[:n], cj.cpu().numpy()[:n], cs.cpu().numpy()[:n])
+            assert np.array_equal(got, _rows(*ref))
+            assert np.all(ci.cpu().numpy()[n:] == 8) and np.all(cj.cpu().numpy()[n:] == 8)
+            assert np.all(cs.cpu().numpy()[n:] == 0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        gnl.neighbor_pairs_triton(bad, cell, pbc, 3.0)
+    with pytest.raises(ValueError, match="singular"):
+        gnl.neighbor_pairs_triton(x, np.zeros((3, 3)), True, 3.0)
+    with pytest.raises(ValueError, match="r_cut"):
+        gnl.neighbor_pairs_triton(x, cell, pbc, -1.0)
+    i, j, S = gnl.neighbor_pairs_triton(x[:0], cell, pbc, 3.0)
+    assert len(i) == 0
