@@ -113,6 +113,11 @@ def _numba_kernels(dtype: str, table_specs: tuple):
 def _call(which: int, spec, n_atoms, d, offsets, species, *extra):
     dtype = jnp.dtype(d.dtype).name
     host_tables = _tables(spec.n_max, spec.r_cut, spec.n_species, dtype)
+    if not jax.config.jax_enable_x64:
+        # Without x64, JAX cannot carry float64 tables: the kernels then run on
+        # float32 tables (numba compiles that variant).
+        host_tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
+                            for t in host_tables)
     kern = _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in host_tables))[which]
     tables = [jnp.asarray(t) for t in host_tables]
     n_nlm = sum((spec.n_max - l + 1) * (2 * l + 1) for l in range(spec.n_max + 1))
