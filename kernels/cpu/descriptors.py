@@ -7,38 +7,68 @@ writes every element of every output, never writes its inputs.
 Inputs shared by all kernels (the pair layout of ``neuralil_fast.neighbors``):
 
     displacements    (P, 3) float   x_j + S @ cell - x_i
-    offsets          (N+1,) int32   CSR start of each centre's run of pairs
-                                    (offsets[i] .. offsets[i+1]-1 belong to centre i)
+    offsets          (N+1,) int32   CSR start of each centre's run of pairs, non-decreasing
+                                    (pairs offsets[i] .. offsets[i+1]-1 belong to centre i);
+                                    see :func:`offsets_from_centers`
     neighbor_species (P,) int32     species index of j, 0..S-1
 
-followed by the tables of :func:`make_tables` (``*tables``, see there), then
-the kernel's own inputs, then its outputs:
+followed by the 8 tables of :func:`make_tables` (``*tables``), then the kernel's
+own inputs, then its outputs:
 
     descriptors_fwd(displacements, offsets, neighbor_species, *tables,
                     X, A)
         X (N, n_features): the power spectrum p^{ab}_{nl} (a <= b pair-major, nl-minor)
         A (N, S, n_nlm):   the density coefficients A^a_{nlm}, nlm in the order of
-                           DescriptorSpec.nlm_tables() (l-major (n,l), then m = -l..l).
+                           DescriptorSpec.nlm_tables() (l-major (n,l), then m = -l..l);
+                           equal to descriptors.density_coefficients.
     descriptors_vjp(displacements, offsets, neighbor_species, *tables, A, X_bar,
                     d_bar)
-        d_bar (P, 3) = d/d(displacements) of sum(X_bar * X); zero on rows that are
-        outside every centre's run, on padding and on pairs with r == 0 or r >= r_cut.
+        d_bar (P, 3) = d/d(displacements) of sum(X_bar * X); zero on rows outside every
+        centre's run, on padding and on pairs with r == 0 or r >= r_cut.
     descriptors_jvp(displacements, offsets, neighbor_species, *tables, A, d_dot,
                     X_dot)
         X_dot (N, n_features) = dX/d(displacements) . d_dot (also the transpose of the vjp
         in X_bar: used for double backward).
 
+All float arrays of one call share the displacements' dtype (float32 or float64), except
+the radial tables (1-4), which are float64 for both.
+
 Residual: A (N, S, n_nlm), written by the forward pass and read by both derivative
 kernels.  It is O(N) memory (55 numbers per species per atom for n_max = 4).  The
-per-pair derivative tensor dA/dd would be O(P * n_nlm * 3) (about 50x larger); it is
-recomputed from the displacements in the vjp/jvp instead (the per-pair radial and
-angular functions are cheap relative to memory traffic).
+per-pair derivative tensor dA/dd would be O(P * n_nlm * 3) (about 50x larger, and
+streaming it would cost more than recomputing it); the vjp/jvp recompute the per-pair
+radial and angular functions and their derivatives from the displacements instead.
 
-A pair contributes only when 0 < r < r_cut (r^2 tested in the input dtype); other
-pairs and species outside 0..S-1 are ignored (zero contribution, zero gradient).
-Offsets are clamped to [0, P], so garbage offsets cannot index out of bounds.
-Arithmetic is in the input dtype (float32 or float64; numba compiles one version
-per dtype, and the tables must have the same float dtype as the displacements).
+Validity: a pair contributes only when 0 < r < r_cut (r^2 computed in float64 from the
+given components and compared with r_cut^2 in float64, as the float64 reference does);
+other pairs and species outside 0..S-1 are ignored (zero contribution, zero gradient).
+Offsets are clamped to [0, P]; offsets that are not non-decreasing give unspecified
+(but memory-safe, fully written) results.
+
+Precision: the radial functions g_nl(r), g_nl'(r) are always evaluated in float64 and
+then rounded to the input dtype: f_nl = c1 j_l(a r) - c2 j_l(b r) vanishes at r_cut
+with zero slope by cancellation, so a float32 evaluation has absolute errors ~1e-7 of
+the individual terms; near r_cut that exceeded 1e-5 of the largest gradient in small
+test systems (float64 costs ~20% more in that part only).  Everything else (Y_lm,
+accumulation of A, the contractions) runs in the input dtype.
+
+Implementation
+--------------
+Parallel (``prange``) over a few chunks of consecutive centres per thread; inside a
+chunk, its pairs (contiguous in CSR order) are processed in blocks of ``_B`` pairs
+regardless of centre boundaries, in structure-of-arrays scratch so that the per-pair
+work (sin/cos, Bessel recurrences, the radial combination, Y_lm and its gradient, the
+vjp/jvp contractions) vectorises across pairs (AVX-512 on this machine).  Each pair
+then scatters into (forward, jvp) or gathers from (vjp) its centre's row, scalar.
+
+j_l(x): for each distinct argument x = u_{l,k} r / r_c one branch-free, vectorisable
+sincos (Cody-Waite reduction, fdlibm polynomials), then the upward recurrence to j_l
+(specialised per l, so the loop over pairs is innermost) above the reference's per-l
+threshold; the power series below it (a scalar fix-up, run only for blocks that hold
+a pair with small x).  j_l'(x) = j_{l-1}(x) - (l+1)/x j_l(x) (j_0' = -j_1), and the
+differentiated series below the threshold.  Y_lm: polynomials in the unit vector (same
+normalisation and m order as ``basis.real_spherical_harmonics``), gradient projected
+with (I - u u^T)/r.
 """
 from __future__ import annotations
 
@@ -46,12 +76,33 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
-           "n_nlm_of", "offsets_from_centers", "forward", "vjp", "jvp"]
+           "n_nlm_of", "offsets_from_centers", "flop_counts", "forward", "vjp", "jvp"]
 
-_JIT = dict(cache=False, boundscheck=False, error_model="numpy", fastmath=False)
+# contract: allow FMA contraction (more accurate, not less); no reassociation, no finite-math.
+_JIT = dict(cache=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+_B = 64  # pairs per block (structure-of-arrays width; LLVM vectorises 16-64-wide loops)
+_CHUNK_PAIRS = 8 * _B  # target pairs per parallel work item (at most 8 x fewer chunks)
+_L_SPECIAL = 8  # Bessel recurrences specialised for l < _L_SPECIAL (generic loop above)
+
+# consts (input dtype): see make_tables
+_C_RCUT2, _C_ZERO, _C_ONE, _C_TWO = range(4)
+# rconsts (float64)
+_R_TWO_OVER_PI, _R_P1, _R_P2, _R_P3, _R_HALF, _R_ONE, _R_RCUT2, _R_DUMMY = range(8)
+_R_SIN = 8  # 6 coefficients
+_R_COS = 14  # 6 coefficients
+_R_INT = 20  # float(k) for k = 0 .. 2 L + 2
+# fdlibm __kernel_sin / __kernel_cos coefficients on [-pi/4, pi/4]
+_SIN = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
+        2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
+_COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
+        -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
+# pi/2 = _P1 + _P2 + _P3 (Cody-Waite; n * _P1 exact for n < 2^20)
+_P1 = 1.57079632673412561417e+00
+_P2 = 6.07710050650619224932e-11
+_P3 = 2.02226624879595063154e-21
 
 
 # ---------------------------------------------------------------------------
@@ -78,34 +129,49 @@ def _series_terms(l_max: int, thresholds) -> int:
 
 
 def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> tuple:
-    """The constant tables the kernels need, in the order the kernels take them:
+    """The constant tables the kernels take after the pair inputs, in this order:
 
-    0 rcut2      (1,) float         r_cut^2
-    1 roots      (L, n_max+2) float u_{l,k} / r_cut (row l valid for k <= n_max-l+1), L = n_max+1
-    2 W          (L, n_max+1, n_max+2) float  g_{nl}(r) = sum_k W[l,n,k] j_l(roots[l,k] r):
-                                    T_l @ [c1 on the diagonal, -c2 on the superdiagonal] / r_cut^1.5
-                                    (nonzero for k <= n+1)
-    3 series     (L, K) float       j_l(x) = x^l sum_k series[l,k] x^(2k) (below thresh[l])
-    4 dseries    (L, K) float       j_l'(x) = x^(l-1) sum_k dseries[l,k] x^(2k) (l >= 1),
-                                    j_0'(x) = x sum_k dseries[0,k] x^(2k)
-    5 thresh     (L,) float         series below, upward recurrence from sin/cos above
-                                    (the reference's thresholds)
-    6 ynorm      (L, L) float       Y_lm normalisation (times sqrt 2 for m > 0)
-    7 nl_index   (L, n_max+1, 2) int32  [column of (n,l) in the nl axis, start of its m run in nlm]
-    8 pair_index (S, S) int32       species block of (min(a,b), max(a,b)) in the feature vector
+    0 consts     (2L+4,) dtype      [r_cut^2, 0, 1, 2, 3, ...]: float(k), k = 0 .. 2L+2, from slot 1
+                                    (so that no arithmetic leaves the dtype)
+    1 rconsts    (20+2L+3,) float64 2/pi, pi/2 in three parts (Cody-Waite), 1/2, 1, r_cut^2,
+                                    a dummy radius (r_cut/2) for empty slots, 6 sin and 6 cos
+                                    polynomial coefficients, then float(k), k = 0 .. 2L+2
+    2 roots      (L, n_max+2) float64  u_{l,k} / r_cut (row l valid for k <= n_max-l+1),
+                                    L = n_max+1
+    3 W          (L, n_max+1, n_max+2) float64  g_nl(r) = sum_k W[l,n,k] j_l(roots[l,k] r):
+                                    T_l @ [c1 on the diagonal, -c2 on the superdiagonal]
+                                    / r_cut^1.5 (nonzero for k <= n+1)
+    4 series     (L, 3, K) float64  [l,0]: j_l(x) = x^l sum_k series[l,0,k] x^(2k);
+                                    [l,1]: j_l'(x) = x^(l-1) sum_k series[l,1,k] x^(2k) (l >= 1),
+                                           j_0'(x) = x sum_k series[0,1,k] x^(2k);
+                                    [l,2,0]: the threshold below which the series is used
+                                    (the reference's, basis._series_threshold)
+    5 ylm        (L, L, 3) dtype    [norm_lm (x sqrt 2 for m > 0), (2l-1)/(l-m), (l+m-1)/(l-m)]:
+                                    Y normalisation and Q_l^m = a z Q_{l-1}^m - b Q_{l-2}^m
+    6 nl_index   (L, n_max+1, 2) int32  [column of (n,l) on the nl axis, start of its m run
+                                    on the nlm axis]
+    7 pair_index (S, S) int32       species block of (min(a,b), max(a,b)) in the features
 
-    Float tables are computed in float64 from ``neuralil_fast.basis.radial_basis`` and
-    cast to ``dtype`` (which must be the displacements' dtype).
+    Computed in float64 from ``neuralil_fast.basis.radial_basis``; ``dtype`` (float32 or
+    float64) must be the displacements' dtype.
     """
     from neuralil_fast.basis import _series_threshold, radial_basis
 
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if n_species < 1:
+        raise ValueError(f"need at least one species, got {n_species}")
     basis = radial_basis(int(n_max), float(r_cut))
     n_max = basis.n_max
     rc = basis.r_cut
     L = n_max + 1
+    ints = [float(k) for k in range(2 * L + 3)]
+    consts = [rc * rc] + ints
+    assert consts[_C_ZERO] == 0.0 and consts[_C_ONE] == 1.0 and consts[_C_TWO] == 2.0
+    rconsts = [2.0 / math.pi, _P1, _P2, _P3, 0.5, 1.0, rc * rc, 0.5 * rc, *_SIN, *_COS]
+    assert len(rconsts) == _R_INT
+    rconsts += ints
     roots = basis.roots / rc
     W = np.zeros((L, n_max + 1, n_max + 2))
     for l in range(L):
@@ -117,23 +183,26 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
         W[l, :m, : m + 1] = basis.transforms[l] @ C / rc**1.5
     thresh = np.array([_series_threshold(l) for l in range(L)])
     K = _series_terms(n_max, thresh)
-    series = np.zeros((L, K))
-    dseries = np.zeros((L, K))
+    series = np.zeros((L, 3, K))
     for l in range(L):
         coef = np.zeros(K + 1)
         coef[0] = 1.0 / math.prod(range(1, 2 * l + 2, 2))
         for k in range(1, K + 1):
             coef[k] = -coef[k - 1] / (2.0 * k * (2 * l + 2 * k + 1))
-        series[l] = coef[:K]
+        series[l, 0] = coef[:K]
         if l == 0:
-            dseries[l] = coef[1: K + 1] * 2.0 * np.arange(1, K + 1)
+            series[l, 1] = coef[1: K + 1] * 2.0 * np.arange(1, K + 1)
         else:
-            dseries[l] = coef[:K] * (l + 2.0 * np.arange(K))
-    ynorm = np.zeros((L, L))
+            series[l, 1] = coef[:K] * (l + 2.0 * np.arange(K))
+        series[l, 2, 0] = thresh[l]
+    ylm = np.zeros((L, L, 3))
     for l in range(L):
         for m in range(l + 1):
             v = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
-            ynorm[l, m] = v * (math.sqrt(2.0) if m > 0 else 1.0)
+            ylm[l, m, 0] = v * (math.sqrt(2.0) if m > 0 else 1.0)
+            if l >= m + 2:
+                ylm[l, m, 1] = (2 * l - 1) / (l - m)
+                ylm[l, m, 2] = (l + m - 1) / (l - m)
     nl_index = np.zeros((L, n_max + 1, 2), np.int32)
     c = 0
     off = 0
@@ -149,8 +218,9 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
             pair_index[a, b] = pair_index[b, a] = q
             q += 1
     f = lambda x: np.ascontiguousarray(x, dtype=dtype)
-    return (f([rc * rc]), f(roots), f(W), f(series), f(dseries), f(thresh), f(ynorm),
-            nl_index, pair_index)
+    f64 = lambda x: np.ascontiguousarray(x, dtype=np.float64)
+    return (f(consts), f64(rconsts), f64(roots), f64(W), f64(series), f(ylm), nl_index,
+            pair_index)
 
 
 def offsets_from_centers(centers, n_atoms: int) -> np.ndarray:
@@ -158,113 +228,445 @@ def offsets_from_centers(centers, n_atoms: int) -> np.ndarray:
     return np.searchsorted(np.asarray(centers), np.arange(n_atoms + 1), side="left").astype(np.int32)
 
 
+def flop_counts(n_max: int = 4, n_species: int = 4) -> dict:
+    """Analytic flop counts {kernel: (per pair, per centre)}: FMA = 2, divide/sqrt/compare = 1.
+
+    Per pair (L = n_max + 1; n_args = sum_l (n_max-l+2) Bessel arguments, 20 for n_max = 4;
+    recurrence branch; the rare series fix-up is not counted):
+      geometry: r^2 (5), compare (2), sqrt, 1/r, unit vector (3)                    = 12
+      per argument: x = u r (1); sincos: reduction (2 + 6), sin poly (14), cos poly (15),
+        quadrant (2) = 39; 1/x, j_0, j_1 (4); each recurrence step 3; j_l' (3) + chain (1)
+      radial combination g = W j: 2 sum_l sum_n (n+2)   (the same again for dg)
+      Y_lm: C_m, S_m (6 per m); Legendre Q: 4 per (l,m) with l >= m+2, 2 for l = m+1;
+        Y: 1 per m = 0 entry, 3 per +-m pair; gradient (vjp/jvp): dQ (5 / 1), dY (1 per
+        m = 0 entry, 9 per +-m pair)
+      forward: A += g Y: 2 n_nlm
+      vjp: t = sum dg (A_bar Y) and G_lm = sum_n A_bar g: 6 n_nlm; v = sum_lm G grad Y:
+        6 L^2; projection d_bar = u t + (v - u (u.v)) / r: 15
+      jvp: rho, tangent (14); Y_t = grad Y . tangent: 5 L^2; A_dot += dg rho Y + g Y_t:
+        5 n_nlm (+ n_nl for dg rho)
+    Per centre (S species, n_sp = S(S+1)/2 blocks, n_nl = L(L+1)/2):
+      forward: p = sum_m A^a A^b: 2 n_sp n_nlm
+      vjp: A_bar = sum_b w X_bar A^b: 2 S^2 n_nlm + S^2 n_nl
+      jvp: X_dot = sum_m (A_dot^a A^b + A^a A_dot^b): 4 n_sp n_nlm
+    """
+    L = n_max + 1
+    n_nl = L * (L + 1) // 2
+    n_nlm = n_nlm_of(n_max)
+    n_sp = n_species * (n_species + 1) // 2
+    args = [(l, k) for l in range(L) for k in range(n_max - l + 2)]
+    per_arg = sum(1 + 39 + 4 + 3 * max(l - 1, 0) + 4 for (l, _) in args)
+    wj = 2 * sum(n + 2 for l in range(L) for n in range(n_max - l + 1))
+    n_pm = (L * L - L) // 2  # +-m pairs
+    qrec = sum(4 if l >= m + 2 else (2 if l == m + 1 else 0) for m in range(L) for l in range(m, L))
+    dqrec = sum(5 if l >= m + 2 else (1 if l == m + 1 else 0) for m in range(L) for l in range(m, L))
+    y = 6 * (L - 1) + qrec + L + 3 * n_pm
+    dy = dqrec + L + 9 * n_pm
+    geom = 12
+    fwd = geom + per_arg + wj + y + 2 * n_nlm
+    vjp = geom + per_arg + 2 * wj + y + dy + 6 * n_nlm + 6 * L * L + 15
+    jvp = geom + per_arg + 2 * wj + y + dy + 14 + 5 * L * L + 5 * n_nlm + n_nl
+    return {
+        "forward": (fwd, 2 * n_sp * n_nlm),
+        "vjp": (vjp, 2 * n_species**2 * n_nlm + n_species**2 * n_nl),
+        "jvp": (jvp, 4 * n_sp * n_nlm),
+    }
+
+
 # ---------------------------------------------------------------------------
-# Per-pair functions
+# Per-block functions (structure of arrays over _B pairs)
 
 
-@njit(inline="always", **_JIT)
-def _radial(r, roots, W, series, dseries, thresh, nl_index, jv, djv, g, dg):
-    """g[c] = g_nl(r), dg[c] = d g_nl / dr for every (n, l) column c."""
+@njit(**_JIT)
+def _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb, ci, c1,
+                r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr):
+    """Geometry of pairs p0 .. p0+nb-1 into slots 0..nb-1: r, 1/r, unit vector in float64
+    (r, ir, ux, uy, uz) and in the input dtype (irt, wx, wy, wz); empty / invalid slots get
+    a dummy radius, u = (0, 0, 1) and valid = False; ctr[b] = centre of the pair.
+    Returns (smallest valid r, centre of the last pair)."""
+    rc2 = rconsts[_R_RCUT2]
+    dummy = rconsts[_R_DUMMY]
+    dummy2 = dummy * dummy
+    # gather (scalar)
+    for b in range(nb):
+        p = p0 + b
+        while ci < c1 - 1 and p >= offsets[ci + 1]:
+            ci += 1
+        ctr[b] = ci
+        spc[b] = neighbor_species[p]
+        ux[b] = displacements[p, 0]
+        uy[b] = displacements[p, 1]
+        uz[b] = displacements[p, 2]
+    for b in range(nb, _B):
+        ctr[b] = ci
+        spc[b] = -1
+        ux[b] = 0.0
+        uy[b] = 0.0
+        uz[b] = 0.0
+    # geometry (branch-free, vectorised)
+    for b in range(_B):
+        dx = ux[b]
+        dy = uy[b]
+        dz = uz[b]
+        s = spc[b]
+        r2 = dx * dx + dy * dy + dz * dz
+        ok = (r2 > 0.0) & (r2 < rc2) & (s >= 0) & (s < S)
+        rr = math.sqrt(r2 if ok else dummy2)
+        inv = 1.0 / rr
+        x = dx * inv if ok else 0.0
+        y = dy * inv if ok else 0.0
+        z = dz * inv if ok else 1.0
+        r[b] = rr
+        ir[b] = inv
+        ux[b] = x
+        uy[b] = y
+        uz[b] = z
+        wx[b] = x
+        wy[b] = y
+        wz[b] = z
+        irt[b] = inv
+        valid[b] = ok
+        spc[b] = s if ok else 0
+    rmin = dummy
+    for b in range(_B):
+        if valid[b]:
+            rmin = min(rmin, r[b])
+    return rmin, ci
+
+
+@njit(**_JIT)
+def _jrow(l, u, r, rc, jv, djv, k):
+    """jv[k, b] = j_l(u r_b), djv[k, b] = u j_l'(u r_b) on the recurrence branch, for every slot.
+
+    ``l`` is a literal (one compiled variant per l): the recurrence is unrolled and the
+    loop over pairs is innermost, so it vectorises."""
+    l = literally(l)
+    one = rc[_R_ONE]
+    half = rc[_R_HALF]
+    tpi = rc[_R_TWO_OVER_PI]
+    p1 = rc[_R_P1]
+    p2 = rc[_R_P2]
+    p3 = rc[_R_P3]
+    s1 = rc[_R_SIN]
+    s2 = rc[_R_SIN + 1]
+    s3 = rc[_R_SIN + 2]
+    s4 = rc[_R_SIN + 3]
+    s5 = rc[_R_SIN + 4]
+    s6 = rc[_R_SIN + 5]
+    c1 = rc[_R_COS]
+    c2 = rc[_R_COS + 1]
+    c3 = rc[_R_COS + 2]
+    c4 = rc[_R_COS + 3]
+    c5 = rc[_R_COS + 4]
+    c6 = rc[_R_COS + 5]
+    lp1 = rc[_R_INT + l + 1]
+    nB = r.shape[0]
+    for b in range(nB):
+        x = u * r[b]
+        n = np.floor(x * tpi + half)
+        y = ((x - n * p1) - n * p2) - n * p3
+        z = y * y
+        sy = y + y * z * (s1 + z * (s2 + z * (s3 + z * (s4 + z * (s5 + z * s6)))))
+        cy = one - half * z + z * z * (c1 + z * (c2 + z * (c3 + z * (c4 + z * (c5 + z * c6)))))
+        q = np.int32(n)
+        sn = cy if (q & 1) else sy
+        cs = sy if (q & 1) else cy
+        sn = -sn if (q & 2) else sn
+        cs = -cs if ((q + 1) & 2) else cs
+        iv = one / x
+        ja = sn * iv
+        jb = (ja - cs) * iv
+        for t in range(1, l):
+            jn = rc[_R_INT + 2 * t + 1] * iv * jb - ja
+            ja = jb
+            jb = jn
+        if l == 0:
+            jv[k, b] = ja
+            djv[k, b] = -jb * u
+        else:
+            jv[k, b] = jb
+            djv[k, b] = (ja - lp1 * iv * jb) * u
+
+
+@njit(**_JIT)
+def _jrow_generic(l, u, r, rc, jv, djv, k, ja, jb, inv):
+    """_jrow for any l (loops over pairs inside the recurrence; slower)."""
+    one = rc[_R_ONE]
+    nB = r.shape[0]
+    for b in range(nB):
+        x = u * r[b]
+        iv = one / x
+        j0 = math.sin(x) * iv
+        inv[b] = iv
+        ja[b] = j0
+        jb[b] = (j0 - math.cos(x)) * iv
+    for t in range(1, l):
+        a2 = rc[_R_INT + 2 * t + 1]
+        for b in range(nB):
+            jn = a2 * inv[b] * jb[b] - ja[b]
+            ja[b] = jb[b]
+            jb[b] = jn
+    lp1 = rc[_R_INT + l + 1]
+    for b in range(nB):
+        jv[k, b] = jb[b]
+        djv[k, b] = (ja[b] - lp1 * inv[b] * jb[b]) * u
+
+
+@njit(**_JIT)
+def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, jv, djv, g, dg):
+    """g[c, b] = g_nl(r_b) and (deriv) dg[c, b] = g_nl'(r_b) for every (n, l) column c.
+
+    Evaluated in float64 (r, jv, djv, ja, jb, inv float64), stored into g, dg of the input dtype."""
     L = roots.shape[0]
     n_max = L - 1
-    K = series.shape[1]
+    K = series.shape[2]
+    one = rc[_R_ONE]
+    nB = r.shape[0]
     for l in range(L):
-        for k in range(n_max - l + 2):
+        nk = n_max - l + 2
+        for k in range(nk):
             u = roots[l, k]
-            x = u * r
-            if x < thresh[l]:
-                x2 = x * x
-                s = series[l, K - 1]
-                ds = dseries[l, K - 1]
-                for q in range(K - 2, -1, -1):
-                    s = s * x2 + series[l, q]
-                    ds = ds * x2 + dseries[l, q]
-                if l == 0:
-                    jl = s
-                    djl = ds * x
-                else:
-                    xp = x  # x^(l-1) * x
-                    xl1 = x - x + 1.0
-                    for q in range(l - 1):
-                        xl1 = xl1 * x
-                    jl = s * xl1 * xp
-                    djl = ds * xl1
+            if l == 0:
+                _jrow(0, u, r, rc, jv, djv, k)
+            elif l == 1:
+                _jrow(1, u, r, rc, jv, djv, k)
+            elif l == 2:
+                _jrow(2, u, r, rc, jv, djv, k)
+            elif l == 3:
+                _jrow(3, u, r, rc, jv, djv, k)
+            elif l == 4:
+                _jrow(4, u, r, rc, jv, djv, k)
+            elif l == 5:
+                _jrow(5, u, r, rc, jv, djv, k)
+            elif l == 6:
+                _jrow(6, u, r, rc, jv, djv, k)
+            elif l == 7:
+                _jrow(7, u, r, rc, jv, djv, k)
             else:
-                sn = math.sin(x)
-                cs = math.cos(x)
-                inv = 1.0 / x
-                j0 = sn * inv
-                j1 = (j0 - cs) * inv
-                if l == 0:
-                    jl = j0
-                    djl = -j1
-                else:
-                    jm = j0
-                    jc = j1
-                    for q in range(1, l):
-                        jn = (2 * q + 1) * inv * jc - jm
-                        jm = jc
-                        jc = jn
-                    jl = jc
-                    djl = jm - (l + 1) * inv * jc
-            jv[k] = jl
-            djv[k] = djl * u
+                _jrow_generic(l, u, r, rc, jv, djv, k, ja, jb, inv)
+        # power series below the threshold; u_{l,k} grows with k, so x is smallest for k = 0
+        thr = series[l, 2, 0]
+        if rmin * roots[l, 0] < thr:
+            for k in range(nk):
+                u = roots[l, k]
+                for b in range(nB):
+                    x = u * r[b]
+                    if x < thr:
+                        x2 = x * x
+                        s = series[l, 0, K - 1]
+                        ds = series[l, 1, K - 1]
+                        for t in range(K - 2, -1, -1):
+                            s = s * x2 + series[l, 0, t]
+                            ds = ds * x2 + series[l, 1, t]
+                        if l == 0:
+                            jv[k, b] = s
+                            djv[k, b] = ds * x * u
+                        else:
+                            xl1 = one
+                            for t in range(l - 1):
+                                xl1 = xl1 * x
+                            jv[k, b] = s * xl1 * x
+                            djv[k, b] = ds * xl1 * u
         for n in range(n_max - l + 1):
-            acc = W[l, n, 0] * jv[0]
-            dacc = W[l, n, 0] * djv[0]
-            for k in range(1, n + 2):
-                acc += W[l, n, k] * jv[k]
-                dacc += W[l, n, k] * djv[k]
             c = nl_index[l, n, 0]
-            g[c] = acc
-            dg[c] = dacc
+            w0 = W[l, n, 0]
+            for b in range(nB):
+                ja[b] = w0 * jv[0, b]
+            for k in range(1, n + 2):
+                w = W[l, n, k]
+                for b in range(nB):
+                    ja[b] += w * jv[k, b]
+            for b in range(nB):
+                g[c, b] = ja[b]
+            if deriv:
+                for b in range(nB):
+                    ja[b] = w0 * djv[0, b]
+                for k in range(1, n + 2):
+                    w = W[l, n, k]
+                    for b in range(nB):
+                        ja[b] += w * djv[k, b]
+                for b in range(nB):
+                    dg[c, b] = ja[b]
 
 
-@njit(inline="always", **_JIT)
-def _ylm(x, y, z, ynorm, Cm, Sm, Q, dQ, Y, dY):
-    """Real Y_lm(x, y, z) (index l*l+l+m) and its gradient dY[lm, :] as a polynomial in (x, y, z).
-
-    Same polynomial as ``neuralil_fast.basis.real_spherical_harmonics``:
-    Y_l0 = N Q_l^0(z), Y_{l,+m} = sqrt2 N Q_l^m(z) Re (x+iy)^m, Y_{l,-m} = sqrt2 N Q_l^m(z) Im (x+iy)^m.
-    """
-    L = ynorm.shape[0]
-    one = x - x + 1.0
-    Cm[0] = one
-    Sm[0] = one - one
+@njit(**_JIT)
+def _ylm_block(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY):
+    """Y[lm, b] = Y_lm(u_b) (index l*l+l+m) and (deriv) dY[0..2, lm, b] its gradient as a
+    polynomial in (x, y, z) (the polynomial of basis.real_spherical_harmonics)."""
+    L = ylm.shape[0]
+    one = consts[_C_ONE]
+    zero = consts[_C_ZERO]
+    nB = ux.shape[0]
+    for b in range(nB):
+        Cm[0, b] = one
+        Sm[0, b] = zero
     for m in range(1, L):
-        Cm[m] = x * Cm[m - 1] - y * Sm[m - 1]
-        Sm[m] = x * Sm[m - 1] + y * Cm[m - 1]
+        for b in range(nB):
+            Cm[m, b] = ux[b] * Cm[m - 1, b] - uy[b] * Sm[m - 1, b]
+            Sm[m, b] = ux[b] * Sm[m - 1, b] + uy[b] * Cm[m - 1, b]
     qmm = one
     for m in range(L):
         if m > 0:
-            qmm = qmm * (2 * m - 1)
-        Q[m, m] = qmm
-        dQ[m, m] = one - one
-        if m + 1 < L:
-            Q[m + 1, m] = (2 * m + 1) * z * qmm
-            dQ[m + 1, m] = (2 * m + 1) * qmm
-        for l in range(m + 2, L):
-            inv = one / (l - m)
-            Q[l, m] = ((2 * l - 1) * z * Q[l - 1, m] - (l + m - 1) * Q[l - 2, m]) * inv
-            dQ[l, m] = ((2 * l - 1) * (Q[l - 1, m] + z * dQ[l - 1, m]) - (l + m - 1) * dQ[l - 2, m]) * inv
+            qmm = qmm * consts[_C_ZERO + 2 * m - 1]
+        # column m: Q_l^m for l = m .. L-1; (qa, qb) = (Q_{l-1}, Q_l), (dqa, dqb) likewise
+        for l in range(m, L):
+            nrm = ylm[l, m, 0]
+            if l == m:
+                for b in range(nB):
+                    qb[b] = qmm
+                    dqb[b] = zero
+            elif l == m + 1:
+                c = consts[_C_ZERO + 2 * m + 1] * qmm
+                for b in range(nB):
+                    qa[b] = qb[b]
+                    dqa[b] = dqb[b]
+                    qb[b] = c * uz[b]
+                    dqb[b] = c
+            else:
+                a1 = ylm[l, m, 1]
+                a2 = ylm[l, m, 2]
+                for b in range(nB):
+                    qn = a1 * uz[b] * qb[b] - a2 * qa[b]
+                    dqn = a1 * (qb[b] + uz[b] * dqb[b]) - a2 * dqa[b]
+                    qa[b] = qb[b]
+                    dqa[b] = dqb[b]
+                    qb[b] = qn
+                    dqb[b] = dqn
+            i0 = l * l + l
+            if m == 0:
+                for b in range(nB):
+                    Y[i0, b] = nrm * qb[b]
+                if deriv:
+                    for b in range(nB):
+                        dY[0, i0, b] = zero
+                        dY[1, i0, b] = zero
+                        dY[2, i0, b] = nrm * dqb[b]
+            else:
+                fm = consts[_C_ZERO + m]
+                for b in range(nB):
+                    nq = nrm * qb[b]
+                    Y[i0 + m, b] = nq * Cm[m, b]
+                    Y[i0 - m, b] = nq * Sm[m, b]
+                if deriv:
+                    for b in range(nB):
+                        nq = nrm * qb[b]
+                        nqm = nq * fm
+                        ndq = nrm * dqb[b]
+                        dY[0, i0 + m, b] = nqm * Cm[m - 1, b]
+                        dY[1, i0 + m, b] = -nqm * Sm[m - 1, b]
+                        dY[2, i0 + m, b] = ndq * Cm[m, b]
+                        dY[0, i0 - m, b] = nqm * Sm[m - 1, b]
+                        dY[1, i0 - m, b] = nqm * Cm[m - 1, b]
+                        dY[2, i0 - m, b] = ndq * Sm[m, b]
+
+
+@njit(**_JIT)
+def _n_chunks(N, P):
+    """Work items: whole centres, about _CHUNK_PAIRS pairs each, a multiple of 8 of them (even
+    static split over 1, 2, 4 or 8 threads; numba.get_num_threads would defeat caching)."""
+    n = (P + _CHUNK_PAIRS - 1) // _CHUNK_PAIRS
+    n = max(8, ((n + 7) // 8) * 8)
+    return max(0, min(N, n))
+
+
+@njit(**_JIT)
+def _clamp(v, P):
+    return min(max(v, 0), P)
+
+
+@njit(**_JIT)
+def _zero_uncovered(offsets, N, P, out):
+    """Zero the rows of out (P, 3) that no centre's run covers (all rows if offsets decrease)."""
+    monotone = True
+    for i in range(N):
+        if offsets[i + 1] < offsets[i]:
+            monotone = False
+    lo = _clamp(offsets[0], P) if monotone else P
+    hi = _clamp(offsets[N], P) if monotone else P
+    for p in range(P):
+        if p < lo or p >= hi:
+            out[p, 0] = 0.0
+            out[p, 1] = 0.0
+            out[p, 2] = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Per-centre contractions (vectorised over the nlm axis)
+
+
+@njit(**_JIT)
+def _nlm_segments(nl_index, n_nl, n_nlm):
+    """col[q]: nl column of nlm entry q; start[c], length[c]: the m run of nl column c."""
+    L = nl_index.shape[0]
+    col = np.empty(n_nlm, np.int64)
+    start = np.empty(n_nl, np.int64)
+    length = np.empty(n_nl, np.int64)
     for l in range(L):
-        i0 = l * l + l
-        nq = ynorm[l, 0] * Q[l, 0]
-        Y[i0] = nq
-        dY[i0, 0] = one - one
-        dY[i0, 1] = one - one
-        dY[i0, 2] = ynorm[l, 0] * dQ[l, 0]
-        for m in range(1, l + 1):
-            nq = ynorm[l, m] * Q[l, m]
-            ndq = ynorm[l, m] * dQ[l, m]
-            Y[i0 + m] = nq * Cm[m]
-            Y[i0 - m] = nq * Sm[m]
-            dY[i0 + m, 0] = nq * m * Cm[m - 1]
-            dY[i0 + m, 1] = -nq * m * Sm[m - 1]
-            dY[i0 + m, 2] = ndq * Cm[m]
-            dY[i0 - m, 0] = nq * m * Sm[m - 1]
-            dY[i0 - m, 1] = nq * m * Cm[m - 1]
-            dY[i0 - m, 2] = ndq * Sm[m]
+        for n in range(L - l):
+            c = nl_index[l, n, 0]
+            off = nl_index[l, n, 1]
+            start[c] = off
+            length[c] = 2 * l + 1
+            for q in range(2 * l + 1):
+                col[off + q] = c
+    return col, start, length
+
+
+@njit(**_JIT)
+def _segment_sums(prod, start, length, out, i, base):
+    """out[i, base + c] = sum of prod over the m run of column c."""
+    for c in range(start.shape[0]):
+        o = start[c]
+        acc = prod[o]
+        for q in range(1, length[c]):
+            acc += prod[o + q]
+        out[i, base + c] = acc
+
+
+@njit(**_JIT)
+def _power_spectrum(A, i, pair_index, n_nl, start, length, prod, X):
+    """X[i, (ab) block] = sum_m A^a_{nlm} A^b_{nlm}."""
+    S = pair_index.shape[0]
+    n_nlm = A.shape[2]
+    for a in range(S):
+        for bb in range(a, S):
+            for q in range(n_nlm):
+                prod[q] = A[i, a, q] * A[i, bb, q]
+            _segment_sums(prod, start, length, X, i, pair_index[a, bb] * n_nl)
+
+
+@njit(**_JIT)
+def _power_spectrum_dot(A, Adot, i, k, pair_index, n_nl, start, length, prod, X_dot):
+    """X_dot[i, (ab) block] = sum_m (Adot^a A^b + A^a Adot^b); Adot row k is centre i."""
+    S = pair_index.shape[0]
+    n_nlm = A.shape[2]
+    for a in range(S):
+        for bb in range(a, S):
+            for q in range(n_nlm):
+                prod[q] = Adot[k, a, q] * A[i, bb, q] + A[i, a, q] * Adot[k, bb, q]
+            _segment_sums(prod, start, length, X_dot, i, pair_index[a, bb] * n_nl)
+
+
+@njit(**_JIT)
+def _abar(A, X_bar, i, k, pair_index, n_nl, col, two, xq, Abar):
+    """Abar[k, a] = sum_b w_ab Xbar^{(ab)} A^b (w = 2 for a = b: X^{aa} = sum A^a A^a)."""
+    S = pair_index.shape[0]
+    n_nlm = A.shape[2]
+    for a in range(S):
+        for q in range(n_nlm):
+            Abar[k, a, q] = 0.0
+    for a in range(S):
+        for bb in range(a, S):
+            base = pair_index[a, bb] * n_nl
+            for q in range(n_nlm):
+                xq[q] = X_bar[i, base + col[q]]
+            if a == bb:
+                for q in range(n_nlm):
+                    Abar[k, a, q] += two * xq[q] * A[i, a, q]
+            else:
+                for q in range(n_nlm):
+                    Abar[k, a, q] += xq[q] * A[i, bb, q]
+                    Abar[k, bb, q] += xq[q] * A[i, a, q]
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +675,7 @@ def _ylm(x, y, z, ynorm, Cm, Sm, Q, dQ, Y, dY):
 
 @njit(parallel=True, **_JIT)
 def descriptors_fwd(displacements, offsets, neighbor_species,
-                    rcut2, roots, W, series, dseries, thresh, ynorm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
                     X, A):
     N = X.shape[0]
     P = displacements.shape[0]
@@ -282,59 +684,74 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     n_nl = L * (L + 1) // 2
     n_nlm = A.shape[2]
     dt = displacements.dtype
-    for i in prange(N):
-        jv = np.empty(L + 1, dt)
-        djv = np.empty(L + 1, dt)
-        g = np.empty(n_nl, dt)
-        dg = np.empty(n_nl, dt)
-        Cm = np.empty(L, dt)
-        Sm = np.empty(L, dt)
-        Q = np.empty((L, L), dt)
-        dQ = np.empty((L, L), dt)
-        Y = np.empty(L * L, dt)
-        dY = np.empty((L * L, 3), dt)
-        for a in range(S):
+    f8 = np.float64
+    zero = consts[_C_ZERO]
+    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    n_chunks = _n_chunks(N, P)
+    for ch in prange(n_chunks):
+        c0 = ch * N // n_chunks
+        c1 = (ch + 1) * N // n_chunks
+        r = np.empty(_B, f8)
+        ux = np.empty(_B, f8)
+        uy = np.empty(_B, f8)
+        uz = np.empty(_B, f8)
+        ir = np.empty(_B, f8)
+        valid = np.empty(_B, np.bool_)
+        spc = np.empty(_B, np.int32)
+        ctr = np.empty(_B, np.int64)
+        ja = np.empty(_B, f8)
+        jb = np.empty(_B, f8)
+        inv = np.empty(_B, f8)
+        jv = np.empty((L + 1, _B), f8)
+        djv = np.empty((L + 1, _B), f8)
+        g = np.empty((n_nl, _B), dt)
+        vx = np.empty(_B, dt)
+        vy = np.empty(_B, dt)
+        vz = np.empty(_B, dt)
+        irt = np.empty(_B, dt)
+        Cm = np.empty((L, _B), dt)
+        Sm = np.empty((L, _B), dt)
+        qa = np.empty(_B, dt)
+        qb = np.empty(_B, dt)
+        dqa = np.empty(_B, dt)
+        dqb = np.empty(_B, dt)
+        Y = np.empty((L * L, _B), dt)
+        dY = np.empty((3, 1, _B), dt)  # unused (no derivatives in the forward pass)
+        C = np.empty((n_nlm, _B), dt)
+        prod = np.empty(n_nlm, dt)
+        for i in range(c0, c1):
+            for a in range(S):
+                for q in range(n_nlm):
+                    A[i, a, q] = zero
+        p_lo = _clamp(offsets[c0], P)
+        p_hi = max(_clamp(offsets[c1], P), p_lo)
+        ci = c0
+        for p0 in range(p_lo, p_hi, _B):
+            nb = min(_B, p_hi - p0)
+            rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
+                                   ci, c1, r, ux, uy, uz, ir, vx, vy, vz, irt, valid, spc, ctr)
+            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
+                          ja, jb, inv, jv, djv, g, g)
+            _ylm_block(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            # contributions g_nl Y_lm, vectorised over pairs, then scattered by (centre, species)
             for q in range(n_nlm):
-                A[i, a, q] = 0.0
-        p0 = min(max(offsets[i], 0), P)
-        p1 = min(max(offsets[i + 1], p0), P)
-        for p in range(p0, p1):
-            s = neighbor_species[p]
-            if s < 0 or s >= S:
-                continue
-            dx = displacements[p, 0]
-            dy = displacements[p, 1]
-            dz = displacements[p, 2]
-            r2 = dx * dx + dy * dy + dz * dz
-            if not (r2 > 0.0 and r2 < rcut2[0]):
-                continue
-            r = math.sqrt(r2)
-            ir = 1.0 / r
-            _radial(r, roots, W, series, dseries, thresh, nl_index, jv, djv, g, dg)
-            _ylm(dx * ir, dy * ir, dz * ir, ynorm, Cm, Sm, Q, dQ, Y, dY)
-            for l in range(L):
-                for n in range(L - l):
-                    c = nl_index[l, n, 0]
-                    off = nl_index[l, n, 1]
-                    gc = g[c]
-                    for q in range(2 * l + 1):
-                        A[i, s, off + q] += gc * Y[l * l + q]
-        for a in range(S):
-            for b in range(a, S):
-                base = pair_index[a, b] * n_nl
-                for l in range(L):
-                    for n in range(L - l):
-                        c = nl_index[l, n, 0]
-                        off = nl_index[l, n, 1]
-                        acc = A[i, a, off] * A[i, b, off]
-                        for q in range(1, 2 * l + 1):
-                            acc += A[i, a, off + q] * A[i, b, off + q]
-                        X[i, base + c] = acc
+                c = col[q]
+                lq = q - start[c] + (length[c] // 2) ** 2
+                for b in range(_B):
+                    C[q, b] = g[c, b] * Y[lq, b]
+            for b in range(nb):
+                if valid[b]:
+                    i = ctr[b]
+                    s = spc[b]
+                    for q in range(n_nlm):
+                        A[i, s, q] += C[q, b]
+        for i in range(c0, c1):
+            _power_spectrum(A, i, pair_index, n_nl, start, length, prod, X)
 
 
 @njit(parallel=True, **_JIT)
 def descriptors_vjp(displacements, offsets, neighbor_species,
-                    rcut2, roots, W, series, dseries, thresh, ynorm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
                     A, X_bar, d_bar):
     N = X_bar.shape[0]
     P = displacements.shape[0]
@@ -343,85 +760,121 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     n_nl = L * (L + 1) // 2
     n_nlm = A.shape[2]
     dt = displacements.dtype
-    # Rows outside every centre's run get zeros (the runs overwrite their own rows below).
-    for p in prange(P):
-        d_bar[p, 0] = 0.0
-        d_bar[p, 1] = 0.0
-        d_bar[p, 2] = 0.0
-    for i in prange(N):
-        jv = np.empty(L + 1, dt)
-        djv = np.empty(L + 1, dt)
-        g = np.empty(n_nl, dt)
-        dg = np.empty(n_nl, dt)
-        Cm = np.empty(L, dt)
-        Sm = np.empty(L, dt)
-        Q = np.empty((L, L), dt)
-        dQ = np.empty((L, L), dt)
-        Y = np.empty(L * L, dt)
-        dY = np.empty((L * L, 3), dt)
-        G = np.empty(L * L, dt)
-        Abar = np.zeros((S, n_nlm), dt)
-        # Abar^a = sum_b w_ab Xbar^{(ab)} A^b, w = 2 on the diagonal (X^{aa} = sum A^a A^a).
-        for a in range(S):
-            for b in range(S):
-                base = pair_index[a, b] * n_nl
-                w = 2.0 if a == b else 1.0
-                for l in range(L):
-                    for n in range(L - l):
-                        c = nl_index[l, n, 0]
-                        off = nl_index[l, n, 1]
-                        xb = w * X_bar[i, base + c]
-                        for q in range(2 * l + 1):
-                            Abar[a, off + q] += xb * A[i, b, off + q]
-        p0 = min(max(offsets[i], 0), P)
-        p1 = min(max(offsets[i + 1], p0), P)
-        for p in range(p0, p1):
-            s = neighbor_species[p]
-            if s < 0 or s >= S:
-                continue
-            dx = displacements[p, 0]
-            dy = displacements[p, 1]
-            dz = displacements[p, 2]
-            r2 = dx * dx + dy * dy + dz * dz
-            if not (r2 > 0.0 and r2 < rcut2[0]):
-                continue
-            r = math.sqrt(r2)
-            ir = 1.0 / r
-            ux = dx * ir
-            uy = dy * ir
-            uz = dz * ir
-            _radial(r, roots, W, series, dseries, thresh, nl_index, jv, djv, g, dg)
-            _ylm(ux, uy, uz, ynorm, Cm, Sm, Q, dQ, Y, dY)
-            t = dx - dx
+    f8 = np.float64
+    zero = consts[_C_ZERO]
+    two = consts[_C_TWO]
+    _zero_uncovered(offsets, N, P, d_bar)
+    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    n_chunks = _n_chunks(N, P)
+    for ch in prange(n_chunks):
+        c0 = ch * N // n_chunks
+        c1 = (ch + 1) * N // n_chunks
+        r = np.empty(_B, f8)
+        ux = np.empty(_B, f8)
+        uy = np.empty(_B, f8)
+        uz = np.empty(_B, f8)
+        ir = np.empty(_B, f8)
+        valid = np.empty(_B, np.bool_)
+        spc = np.empty(_B, np.int32)
+        ctr = np.empty(_B, np.int64)
+        ja = np.empty(_B, f8)
+        jb = np.empty(_B, f8)
+        inv = np.empty(_B, f8)
+        jv = np.empty((L + 1, _B), f8)
+        djv = np.empty((L + 1, _B), f8)
+        g = np.empty((n_nl, _B), dt)
+        dg = np.empty((n_nl, _B), dt)
+        wx = np.empty(_B, dt)
+        wy = np.empty(_B, dt)
+        wz = np.empty(_B, dt)
+        irt = np.empty(_B, dt)
+        vx = np.empty(_B, dt)
+        vy = np.empty(_B, dt)
+        vz = np.empty(_B, dt)
+        Cm = np.empty((L, _B), dt)
+        Sm = np.empty((L, _B), dt)
+        qa = np.empty(_B, dt)
+        qb = np.empty(_B, dt)
+        dqa = np.empty(_B, dt)
+        dqb = np.empty(_B, dt)
+        Y = np.empty((L * L, _B), dt)
+        dY = np.empty((3, L * L, _B), dt)
+        Ab = np.empty((n_nlm, _B), dt)
+        G = np.empty((L * L, _B), dt)
+        t = np.empty(_B, dt)
+        xq = np.empty(n_nlm, dt)
+        Abar = np.empty((c1 - c0, S, n_nlm), dt)
+        for i in range(c0, c1):
+            _abar(A, X_bar, i, i - c0, pair_index, n_nl, col, two, xq, Abar)
+        p_lo = _clamp(offsets[c0], P)
+        p_hi = max(_clamp(offsets[c1], P), p_lo)
+        ci = c0
+        for p0 in range(p_lo, p_hi, _B):
+            nb = min(_B, p_hi - p0)
+            rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
+                                   ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
+            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                          ja, jb, inv, jv, djv, g, dg)
+            _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            # gather the A_bar row of each pair's (centre, species); zero for invalid slots
+            for b in range(_B):
+                if valid[b]:
+                    k = ctr[b] - c0
+                    s = spc[b]
+                    for q in range(n_nlm):
+                        Ab[q, b] = Abar[k, s, q]
+                else:
+                    for q in range(n_nlm):
+                        Ab[q, b] = zero
+            # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl  (vectorised over pairs)
+            for b in range(_B):
+                t[b] = zero
             for q in range(L * L):
-                G[q] = 0.0
-            for l in range(L):
-                for n in range(L - l):
-                    c = nl_index[l, n, 0]
-                    off = nl_index[l, n, 1]
-                    gc = g[c]
-                    acc = dx - dx
-                    for q in range(2 * l + 1):
-                        ab = Abar[s, off + q]
-                        acc += ab * Y[l * l + q]
-                        G[l * l + q] += ab * gc
-                    t += dg[c] * acc
-            vx = dx - dx
-            vy = dx - dx
-            vz = dx - dx
+                for b in range(_B):
+                    G[q, b] = zero
+            for q in range(n_nlm):
+                c = col[q]
+                lq = q - start[c] + (length[c] // 2) ** 2
+                for b in range(_B):
+                    ab = Ab[q, b]
+                    t[b] += dg[c, b] * (ab * Y[lq, b])
+                    G[lq, b] += ab * g[c, b]
+            # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
+            for b in range(_B):
+                vx[b] = zero
+                vy[b] = zero
+                vz[b] = zero
             for q in range(L * L):
-                vx += G[q] * dY[q, 0]
-                vy += G[q] * dY[q, 1]
-                vz += G[q] * dY[q, 2]
-            uv = ux * vx + uy * vy + uz * vz
-            d_bar[p, 0] = ux * t + (vx - ux * uv) * ir
-            d_bar[p, 1] = uy * t + (vy - uy * uv) * ir
-            d_bar[p, 2] = uz * t + (vz - uz * uv) * ir
+                for b in range(_B):
+                    gq = G[q, b]
+                    vx[b] += gq * dY[0, q, b]
+                    vy[b] += gq * dY[1, q, b]
+                    vz[b] += gq * dY[2, q, b]
+            for b in range(_B):
+                x = wx[b]
+                y = wy[b]
+                z = wz[b]
+                uv = x * vx[b] + y * vy[b] + z * vz[b]
+                i_r = irt[b]
+                tb = t[b]
+                vx[b] = x * tb + (vx[b] - x * uv) * i_r
+                vy[b] = y * tb + (vy[b] - y * uv) * i_r
+                vz[b] = z * tb + (vz[b] - z * uv) * i_r
+            for b in range(nb):
+                p = p0 + b
+                if valid[b]:
+                    d_bar[p, 0] = vx[b]
+                    d_bar[p, 1] = vy[b]
+                    d_bar[p, 2] = vz[b]
+                else:
+                    d_bar[p, 0] = zero
+                    d_bar[p, 1] = zero
+                    d_bar[p, 2] = zero
 
 
 @njit(parallel=True, **_JIT)
 def descriptors_jvp(displacements, offsets, neighbor_species,
-                    rcut2, roots, W, series, dseries, thresh, ynorm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
                     A, d_dot, X_dot):
     N = X_dot.shape[0]
     P = displacements.shape[0]
@@ -430,85 +883,115 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     n_nl = L * (L + 1) // 2
     n_nlm = A.shape[2]
     dt = displacements.dtype
-    for i in prange(N):
-        jv = np.empty(L + 1, dt)
-        djv = np.empty(L + 1, dt)
-        g = np.empty(n_nl, dt)
-        dg = np.empty(n_nl, dt)
-        Cm = np.empty(L, dt)
-        Sm = np.empty(L, dt)
-        Q = np.empty((L, L), dt)
-        dQ = np.empty((L, L), dt)
-        Y = np.empty(L * L, dt)
-        dY = np.empty((L * L, 3), dt)
-        Yt = np.empty(L * L, dt)
-        Adot = np.zeros((S, n_nlm), dt)
-        p0 = min(max(offsets[i], 0), P)
-        p1 = min(max(offsets[i + 1], p0), P)
-        for p in range(p0, p1):
-            s = neighbor_species[p]
-            if s < 0 or s >= S:
-                continue
-            dx = displacements[p, 0]
-            dy = displacements[p, 1]
-            dz = displacements[p, 2]
-            r2 = dx * dx + dy * dy + dz * dz
-            if not (r2 > 0.0 and r2 < rcut2[0]):
-                continue
-            r = math.sqrt(r2)
-            ir = 1.0 / r
-            ux = dx * ir
-            uy = dy * ir
-            uz = dz * ir
-            _radial(r, roots, W, series, dseries, thresh, nl_index, jv, djv, g, dg)
-            _ylm(ux, uy, uz, ynorm, Cm, Sm, Q, dQ, Y, dY)
-            ex = d_dot[p, 0]
-            ey = d_dot[p, 1]
-            ez = d_dot[p, 2]
-            rho = ux * ex + uy * ey + uz * ez
-            tx = (ex - ux * rho) * ir
-            ty = (ey - uy * rho) * ir
-            tz = (ez - uz * rho) * ir
+    f8 = np.float64
+    zero = consts[_C_ZERO]
+    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    n_chunks = _n_chunks(N, P)
+    for ch in prange(n_chunks):
+        c0 = ch * N // n_chunks
+        c1 = (ch + 1) * N // n_chunks
+        r = np.empty(_B, f8)
+        ux = np.empty(_B, f8)
+        uy = np.empty(_B, f8)
+        uz = np.empty(_B, f8)
+        ir = np.empty(_B, f8)
+        valid = np.empty(_B, np.bool_)
+        spc = np.empty(_B, np.int32)
+        ctr = np.empty(_B, np.int64)
+        ja = np.empty(_B, f8)
+        jb = np.empty(_B, f8)
+        inv = np.empty(_B, f8)
+        jv = np.empty((L + 1, _B), f8)
+        djv = np.empty((L + 1, _B), f8)
+        g = np.empty((n_nl, _B), dt)
+        dg = np.empty((n_nl, _B), dt)
+        wx = np.empty(_B, dt)
+        wy = np.empty(_B, dt)
+        wz = np.empty(_B, dt)
+        irt = np.empty(_B, dt)
+        ex = np.empty(_B, dt)
+        ey = np.empty(_B, dt)
+        ez = np.empty(_B, dt)
+        Cm = np.empty((L, _B), dt)
+        Sm = np.empty((L, _B), dt)
+        qa = np.empty(_B, dt)
+        qb = np.empty(_B, dt)
+        dqa = np.empty(_B, dt)
+        dqb = np.empty(_B, dt)
+        Y = np.empty((L * L, _B), dt)
+        dY = np.empty((3, L * L, _B), dt)
+        Yt = np.empty((L * L, _B), dt)
+        C = np.empty((n_nlm, _B), dt)
+        rho = np.empty(_B, dt)
+        prod = np.empty(n_nlm, dt)
+        Adot = np.zeros((c1 - c0, S, n_nlm), dt)
+        p_lo = _clamp(offsets[c0], P)
+        p_hi = max(_clamp(offsets[c1], P), p_lo)
+        ci = c0
+        for p0 in range(p_lo, p_hi, _B):
+            nb = min(_B, p_hi - p0)
+            rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
+                                   ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
+            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                          ja, jb, inv, jv, djv, g, dg)
+            _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            for b in range(nb):
+                ex[b] = d_dot[p0 + b, 0]
+                ey[b] = d_dot[p0 + b, 1]
+                ez[b] = d_dot[p0 + b, 2]
+            for b in range(nb, _B):
+                ex[b] = zero
+                ey[b] = zero
+                ez[b] = zero
+            # rho = u . d_dot;  tangent = (d_dot - u rho) / r  (overwrites e)
+            for b in range(_B):
+                x = wx[b]
+                y = wy[b]
+                z = wz[b]
+                rh = x * ex[b] + y * ey[b] + z * ez[b]
+                i_r = irt[b]
+                rho[b] = rh
+                ex[b] = (ex[b] - x * rh) * i_r
+                ey[b] = (ey[b] - y * rh) * i_r
+                ez[b] = (ez[b] - z * rh) * i_r
             for q in range(L * L):
-                Yt[q] = dY[q, 0] * tx + dY[q, 1] * ty + dY[q, 2] * tz
-            for l in range(L):
-                for n in range(L - l):
-                    c = nl_index[l, n, 0]
-                    off = nl_index[l, n, 1]
-                    gc = g[c]
-                    dgc = dg[c] * rho
-                    for q in range(2 * l + 1):
-                        Adot[s, off + q] += dgc * Y[l * l + q] + gc * Yt[l * l + q]
-        for a in range(S):
-            for b in range(a, S):
-                base = pair_index[a, b] * n_nl
-                for l in range(L):
-                    for n in range(L - l):
-                        c = nl_index[l, n, 0]
-                        off = nl_index[l, n, 1]
-                        acc = Adot[a, off] * A[i, b, off] + A[i, a, off] * Adot[b, off]
-                        for q in range(1, 2 * l + 1):
-                            acc += Adot[a, off + q] * A[i, b, off + q] + A[i, a, off + q] * Adot[b, off + q]
-                        X_dot[i, base + c] = acc
+                for b in range(_B):
+                    Yt[q, b] = dY[0, q, b] * ex[b] + dY[1, q, b] * ey[b] + dY[2, q, b] * ez[b]
+            for c in range(n_nl):
+                for b in range(_B):
+                    dg[c, b] *= rho[b]
+            for q in range(n_nlm):
+                c = col[q]
+                lq = q - start[c] + (length[c] // 2) ** 2
+                for b in range(_B):
+                    C[q, b] = dg[c, b] * Y[lq, b] + g[c, b] * Yt[lq, b]
+            for b in range(nb):
+                if valid[b]:
+                    k = ctr[b] - c0
+                    s = spc[b]
+                    for q in range(n_nlm):
+                        Adot[k, s, q] += C[q, b]
+        for i in range(c0, c1):
+            _power_spectrum_dot(A, Adot, i, i - c0, pair_index, n_nl, start, length, prod, X_dot)
 
 
 # ---------------------------------------------------------------------------
 # Convenience wrappers on numpy arrays (tests, benchmarks)
 
 
-def _n_features(tables) -> int:
-    L = tables[1].shape[0]
-    S = tables[8].shape[0]
+def n_features_of(tables) -> int:
+    L = tables[2].shape[0]
+    S = tables[7].shape[0]
     return S * (S + 1) // 2 * L * (L + 1) // 2
 
 
 def forward(displacements, offsets, neighbor_species, tables):
     """(X (N, n_features), A (N, S, n_nlm)) on numpy arrays."""
     N = len(offsets) - 1
-    L = tables[1].shape[0]
-    S = tables[8].shape[0]
+    L = tables[2].shape[0]
+    S = tables[7].shape[0]
     dt = displacements.dtype
-    X = np.empty((N, _n_features(tables)), dt)
+    X = np.empty((N, n_features_of(tables)), dt)
     A = np.empty((N, S, n_nlm_of(L - 1)), dt)
     descriptors_fwd(displacements, offsets, neighbor_species, *tables, X, A)
     return X, A
@@ -524,6 +1007,6 @@ def vjp(displacements, offsets, neighbor_species, tables, A, X_bar):
 def jvp(displacements, offsets, neighbor_species, tables, A, d_dot):
     """X_dot (N, n_features) on numpy arrays."""
     N = len(offsets) - 1
-    X_dot = np.empty((N, _n_features(tables)), displacements.dtype)
+    X_dot = np.empty((N, n_features_of(tables)), displacements.dtype)
     descriptors_jvp(displacements, offsets, neighbor_species, *tables, A, d_dot, X_dot)
     return X_dot
