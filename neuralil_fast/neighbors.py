@@ -249,7 +249,9 @@ def _build_reference_jax(nl: NeighborList, positions, cell):
     S = jnp.asarray(grid, jnp.int32)[s] + offset[jnp.where(valid, j, 0)] - offset[jnp.where(valid, a, 0)]
     S = jnp.where(valid[:, None], S, 0)
     # The static image grid was sized at allocation; a thinner cell needs more images.
-    widths = _perp_widths_jax(cell)
+    # Widths of the completed cell (as on the host): open directions' vectors may be
+    # zero or skewed and must not shrink the periodic widths.
+    widths = _perp_widths_jax(_complete_cell_jax(cell, nl.pbc))
     need = jnp.where(pbc, jnp.ceil(r_list / widths) + 1, 0)
     too_few_images = jnp.any(need > jnp.asarray(nl.max_images))
     return a.astype(jnp.int32), j.astype(jnp.int32), S, count, too_few_images

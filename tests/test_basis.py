@@ -251,10 +251,10 @@ def test_no_nan_and_grad_at_small_r(x64):
     np.testing.assert_allclose(np.asarray(jf)[2:], fd, atol=1e-7 * np.abs(fd).max())
 
 
-@pytest.mark.parametrize("rs, eps", [([1e-6, 3e-6], 2.5e-7), ([0.5, 1.7, 3.0, 3.49], 1e-4)])
-def test_check_grads(x64, rs, eps):
+def test_check_grads(x64):
     b = radial_basis(4, 3.5)
-    check_grads(jax.jit(b), (jnp.asarray(rs, jnp.float64),), order=1, modes=("fwd", "rev"), eps=eps)
+    rs = jnp.asarray([1e-6, 3e-6, 0.5, 1.7, 3.0, 3.49], jnp.float64)
+    check_grads(jax.jit(b), (rs,), order=1, modes=("fwd", "rev"), eps=2.5e-7)
 
 
 def test_check_grads_second_order(x64):

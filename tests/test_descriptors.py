@@ -190,7 +190,7 @@ def random_periodic(draw):
     return ase.Atoms(syms, positions=frac @ cell, cell=cell, pbc=True), species, r_cut, n_max
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(random_periodic())
 def test_random_cells_both_forms_and_oracle(case):
     atoms, species, r_cut, n_max = case
@@ -212,7 +212,7 @@ def test_small_thin_cell_vs_oracle(x64):
     """r_cut beyond half the cell's widths: every periodic image counts (not minimum image)."""
     atoms = small_triclinic(1, n=4, lengths=(2.2, 2.6, 3.0))
     species = ("H", "C", "O")
-    X = compute(atoms, species, 3.5, 3)
+    X = SphericalBessel(species=species, r_cut=3.5, n_max=3).compute(atoms, backend="reference")
     ref = oracle_descriptors(atoms, species, 3.5, 3)
     assert_close_rel(X, ref, 1e-9)
 
@@ -365,10 +365,10 @@ def test_check_grads_positions_and_cell(x64):
 
 def test_float32_gradient_matches_float64(x64):
     atoms = small_triclinic(7, n=5)
-    E64, x64_, c64 = setup_energy(atoms, ("H", "C", "O"), 3.0, 3)
+    E64, x64_, c64 = setup_energy(atoms, ("H", "C", "O"), 3.0, 2)
     g64 = jax.jit(jax.grad(E64, argnums=(0, 1)))(x64_, c64)
     with jax.enable_x64(False):
-        E32, x32, c32 = setup_energy(atoms, ("H", "C", "O"), 3.0, 3, dtype=jnp.float32)
+        E32, x32, c32 = setup_energy(atoms, ("H", "C", "O"), 3.0, 2, dtype=jnp.float32)
         assert x32.dtype == jnp.float32
         v32 = jax.jit(E32)(x32, c32)
         g32 = jax.jit(jax.grad(E32, argnums=(0, 1)))(x32, c32)
@@ -396,7 +396,7 @@ def edge_case_setup(dtype):
     n = len(positions)
     d_exact = positions[neigh[:2]] - positions[0]
     assert np.linalg.norm(d_exact[0]) == r_cut and np.linalg.norm(d_exact[1]) == 1e-7
-    spec = DescriptorSpec(2, r_cut, 3)
+    spec = DescriptorSpec(2, r_cut, 2)
     sp = jnp.asarray(np.array([0, 1, 1, 0, 0])[neigh], jnp.int32)  # species of neighbours
     c_ = jnp.asarray(centers, jnp.int32)
     j_ = jnp.asarray(neigh, jnp.int32)
@@ -414,8 +414,13 @@ def edge_case_setup(dtype):
     return spec, positions, centers, neigh, (c_, j_, S_, sp), cell, w, X_of, E
 
 
-def test_no_nan_eager_edge_cases(dtype):
-    """Op-by-op with debug_nans: no intermediate NaN/inf at r = r_cut, r = 1e-7, padding."""
+def test_no_nan_eager_edge_cases():
+    """Op-by-op with debug_nans: no intermediate NaN/inf at r = r_cut, r = 1e-7, padding.
+
+    float32 only (the dtype where under/overflow is likeliest; op-by-op is slow); the
+    jitted test below covers both dtypes (debug_nans then checks the outputs).
+    """
+    dtype = jnp.float32
     spec, positions, centers, neigh, _, cell, w, X_of, E = edge_case_setup(dtype)
     x = jnp.asarray(positions, dtype)
     X = X_of(x, cell)
@@ -487,7 +492,8 @@ def test_descriptors_dispatch_reference(x64):
     atoms = small_triclinic(8, n=4)
     spec = DescriptorSpec(3, 3.0, 2)
     D, c, sp = pair_inputs(atoms, ("H", "C", "O"), 3.0)
-    a = descriptors(spec, jnp.asarray(D), jnp.asarray(c), jnp.asarray(sp), len(atoms), backend="reference")
+    a = jax.jit(descriptors, static_argnums=(0, 4, 5))(spec, jnp.asarray(D), jnp.asarray(c), jnp.asarray(sp),
+                                                       len(atoms), "reference")
     b = desc_sh(spec, jnp.asarray(D), jnp.asarray(c), jnp.asarray(sp), len(atoms))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-14, atol=1e-14 * np.abs(np.asarray(b)).max())
 
@@ -526,7 +532,6 @@ def test_descriptor_spec_bad_parameters(args, match):
 def test_compute_bad_inputs():
     sb = SphericalBessel(species=("H", "O"), r_cut=3.0, n_max=2)
     good = ase.Atoms("H2O", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0]], cell=np.eye(3) * 6, pbc=True)
-    assert sb.compute(good, backend="reference").shape == (3, sb.n_features)
     bad = good.copy()
     bad.positions[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -212,12 +212,27 @@ def random_system(rng, n=20, box=6.0, pbc=(True, True, True)):
     return frac @ cell, cell, np.array(pbc)
 
 
-@pytest.mark.parametrize("pbc", [(True, True, True), (True, False, True), (False, False, False)])
-def test_allocate_then_jit_update(x64, pbc):
+@pytest.mark.parametrize(
+    "pbc, open_vector",
+    [
+        ((True, True, True), "kept"),
+        ((True, False, True), "kept"),
+        ((True, False, True), "zero"),
+        ((True, False, False), "zero"),
+        ((False, True, True), "skewed"),
+        ((False, False, False), "zero"),
+    ],
+)
+def test_allocate_then_jit_update(x64, pbc, open_vector):
     rng = np.random.default_rng(11)
     positions, cell, pbc = random_system(rng, pbc=pbc)
+    # Open directions carry no images: their lattice vectors may be zero or arbitrary.
+    if open_vector == "zero":
+        cell[~pbc] = 0.0
+    elif open_vector == "skewed":
+        cell[~pbc] = [[0.3, 2.0, 1.5]]
     r_cut, skin = 2.5, 0.4
-    nl = allocate(positions, cell, pbc, r_cut, skin, backend="reference")
+    nl = allocate(positions, cell, pbc, r_cut, skin, backend="reference", capacity_multiplier=2.0)
     assert isinstance(nl, NeighborList) and nl.backend == "reference"
     assert not bool(nl.did_overflow)
     assert_same_pairs(valid_rows(nl), naive_pairs(positions, cell, pbc, r_cut + skin))
@@ -227,7 +242,7 @@ def test_allocate_then_jit_update(x64, pbc):
     for step in range(3):
         positions = positions + rng.normal(scale=0.5, size=positions.shape)
         nl = upd(nl, jnp.asarray(positions))
-        assert not bool(nl.did_overflow), "capacity 1.25x should hold for these moves"
+        assert not bool(nl.did_overflow), "capacity 2x holds for these moves"
         ref = naive_pairs(positions, cell, pbc, r_cut + skin)
         assert_same_pairs(valid_rows(nl), ref)
         assert int(nl.n_pairs) == len(ref[0])
@@ -304,6 +319,40 @@ def test_overflow_compression_and_reallocate(x64):
     # Final check against ASE too.
     xf, cf = np.asarray(x), np.asarray(c)
     assert_same_pairs(valid_rows(nl), ase_pairs(make_atoms(xf, cf, pbc), r_cut + skin))
+
+
+def test_overflow_when_image_grid_too_small(x64):
+    """Ample capacity, but a thin cell compressed until its static image grid is too small:
+    the flag must rise (never a silently incomplete list), and reallocation fixes it."""
+    rng = np.random.default_rng(8)
+    cell = cell_from_parameters(2.0, 6.0, 6.0, 90.0, 90.0, 90.0)
+    positions = rng.uniform(0, 1, size=(6, 3)) @ cell
+    pbc = np.array([True, True, True])
+    r_cut, skin = 2.5, 0.0
+    nl = allocate(positions, cell, pbc, r_cut, skin, backend="reference", capacity=20000)
+    assert nl.max_images[0] >= 2
+
+    @jax.jit
+    def compress(nl, x, c):
+        def body(_, state):
+            nl, x, c = state
+            x, c = 0.98 * x, 0.98 * c
+            return update(nl, x, c), x, c
+
+        return jax.lax.fori_loop(0, 50, body, (nl, x, c))
+
+    nl1, x, c = compress(nl, jnp.asarray(positions), jnp.asarray(cell))
+    xf, cf = np.asarray(x), np.asarray(c)
+    ref = naive_pairs(xf, cf, pbc, r_cut)
+    assert len(ref[0]) < 20000
+    # 2.0 * 0.98^50 = 0.73 Å wide: 2.5 Å needs |S_a| = 4 images, the grid holds 3:
+    # without the flag the list would be incomplete.
+    if not bool(nl1.did_overflow):
+        assert_same_pairs(valid_rows(nl1), ref)
+    assert bool(nl1.did_overflow)
+    nl2 = neighbors.reallocate(nl1, xf, cf)
+    assert not bool(nl2.did_overflow) and nl2.max_images[0] > nl.max_images[0]
+    assert_same_pairs(valid_rows(nl2), ref)
 
 
 def test_overflow_is_sticky_and_counts(x64):
