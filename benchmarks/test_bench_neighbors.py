@@ -83,8 +83,9 @@ def _summary(request):
     yield
     if not _RESULTS:
         return
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = tr.write_line if tr is not None else print
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    lines = []
+    write = lines.append
     write("")
     write("neighbour-list build, min time per atom (ns/atom); "
           "numba memory = peak bytes/atom (output + bins)")
@@ -106,6 +107,12 @@ def _summary(request):
                      if row["numba"] and row["vesin"] else float("nan"))
             mem = row["numba"]["bytes_per_atom"] if row["numba"] else float("nan")
             write(f"{n:>8} {rc:>5} {ppa:>10.1f} {cells} {ratio:>11.2f} {mem:>12.0f}")
+    # module teardown output is captured unless capturing is suspended
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print("\n".join(lines), flush=True)
+    else:
+        print("\n".join(lines))
 
 
 @pytest.mark.parametrize("r_cut", R_CUTS, ids=lambda r: f"rc{r}")

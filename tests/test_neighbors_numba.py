@@ -371,8 +371,8 @@ def _triton_device(torch):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@settings(max_examples=8, **SETTINGS)
-@given(systems(max_atoms=10, max_pairs=400),
+@settings(max_examples=6, **SETTINGS)
+@given(systems(max_atoms=8, max_pairs=300),
        st.sampled_from([np.float64, np.float32]))
 def test_triton_matches_ase(system, dtype):
     torch, gnl = _triton_env()

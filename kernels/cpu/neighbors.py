@@ -228,8 +228,91 @@ def _n_search(c, nb, h, per, rr):
     return m
 
 
+# Small systems run serially: a parallel region costs tens of microseconds
+# (and far more with the OpenMP layer on an oversubscribed machine).
+_PARALLEL_MIN_ATOMS = 4096
+
+
 @njit(cache=True)
-def _plan(positions, cell, pbc, r_cut, sub):
+def _n_atom_chunks(n):
+    return max(1, min(n // 1024, 64))
+
+
+@njit(cache=True)
+def _frac_range(a, b, positions, B, per, frac, kq):
+    for i in range(a, b):
+        x0 = np.float64(positions[i, 0])
+        x1 = np.float64(positions[i, 1])
+        x2 = np.float64(positions[i, 2])
+        for c in range(3):
+            f = x0 * B[c, 0] + x1 * B[c, 1] + x2 * B[c, 2]
+            if per[c]:
+                k = math.floor(f)
+                f = f - k
+                kq[i, c] = np.int32(k)
+            frac[i, c] = f
+
+
+@njit(cache=True, parallel=True)
+def _frac_par(positions, B, per, frac, kq, nchunks):
+    n = positions.shape[0]
+    for ch in prange(nchunks):
+        _frac_range(ch * n // nchunks, (ch + 1) * n // nchunks, positions, B,
+                    per, frac, kq)
+
+
+@njit(cache=True)
+def _bin_range(a, b, frac, fmin, scale, nb, binof):
+    for i in range(a, b):
+        lin = 0
+        for cc in range(3):
+            c = 2 - cc
+            v = int(math.floor((frac[i, c] - fmin[c]) * scale[c]))
+            if v < 0:
+                v = 0
+            if v >= nb[c]:
+                v = nb[c] - 1
+            lin = lin * nb[c] + v
+        binof[i] = lin
+
+
+@njit(cache=True, parallel=True)
+def _bin_par(frac, fmin, scale, nb, binof, nchunks):
+    n = frac.shape[0]
+    for ch in prange(nchunks):
+        _bin_range(ch * n // nchunks, (ch + 1) * n // nchunks, frac, fmin,
+                   scale, nb, binof)
+
+
+@njit(cache=True)
+def _gather_range(a, b, positions, kq, perm, M, xs, ys, zs, ks):
+    for t in range(a, b):
+        i = perm[t]
+        k0, k1, k2 = kq[i, 0], kq[i, 1], kq[i, 2]
+        ks[t, 0] = k0
+        ks[t, 1] = k1
+        ks[t, 2] = k2
+        xs[t] = np.float64(positions[i, 0]) - (
+            k0 * M[0, 0] + k1 * M[1, 0] + k2 * M[2, 0]
+        )
+        ys[t] = np.float64(positions[i, 1]) - (
+            k0 * M[0, 1] + k1 * M[1, 1] + k2 * M[2, 1]
+        )
+        zs[t] = np.float64(positions[i, 2]) - (
+            k0 * M[0, 2] + k1 * M[1, 2] + k2 * M[2, 2]
+        )
+
+
+@njit(cache=True, parallel=True)
+def _gather_par(positions, kq, perm, M, xs, ys, zs, ks, nchunks):
+    n = positions.shape[0]
+    for ch in prange(nchunks):
+        _gather_range(ch * n // nchunks, (ch + 1) * n // nchunks, positions,
+                      kq, perm, M, xs, ys, zs, ks)
+
+
+@njit(cache=True)
+def _plan(positions, cell, pbc, r_cut):
     """Bin the atoms.  Assumes ``_validate`` returned 0 and N > 0."""
     n = positions.shape[0]
     rc = np.float64(r_cut)
@@ -242,17 +325,11 @@ def _plan(positions, cell, pbc, r_cut, sub):
     # fractional coordinates and integer wrap shifts k (periodic dirs only)
     frac = np.empty((n, 3))
     kq = np.zeros((n, 3), np.int32)
-    for i in range(n):
-        x0 = np.float64(positions[i, 0])
-        x1 = np.float64(positions[i, 1])
-        x2 = np.float64(positions[i, 2])
-        for c in range(3):
-            f = x0 * B[c, 0] + x1 * B[c, 1] + x2 * B[c, 2]
-            if per[c]:
-                k = math.floor(f)
-                f = f - k
-                kq[i, c] = np.int32(k)
-            frac[i, c] = f
+    nchunks = _n_atom_chunks(n)
+    if n >= _PARALLEL_MIN_ATOMS:
+        _frac_par(positions, B, per, frac, kq, nchunks)
+    else:
+        _frac_range(0, n, positions, B, per, frac, kq)
 
     nb = np.ones(3, np.int64)
     ms = np.zeros(3, np.int64)
@@ -274,12 +351,18 @@ def _plan(positions, cell, pbc, r_cut, sub):
                     hi_c = v
             fmin[c] = lo_c
             h[c] = hi_c - lo_c  # open rows of M are orthonormal
-        nbf = math.floor(sub * h[c] / rr)
+        nbf = math.floor(h[c] / rr)
         if nbf < 1.0:
             nbf = 1.0
         if nbf > 1048576.0:
             nbf = 1048576.0
         nb[c] = int(nbf)
+    # dense bins (>= 8 atoms per r_cut-wide bin, e.g. r_cut = 5 A at 0.1
+    # atoms/A^3): halve the bins along direction 0 (search +-2 there).  The
+    # x-run of neighbouring bins stays one contiguous segment but covers
+    # 2.5 instead of 3 r_cut: ~15% fewer candidates, no extra segments.
+    if n > 8 * nb[0] * nb[1] * nb[2] and nb[0] > 1:
+        nb[0] *= 2
     # keep the number of bins O(N)
     limit = 4 * n + 64
     while nb[0] * nb[1] * nb[2] > limit:
@@ -298,17 +381,10 @@ def _plan(positions, cell, pbc, r_cut, sub):
 
     nbins = nb[0] * nb[1] * nb[2]
     binof = np.empty(n, np.int64)
-    for i in range(n):
-        lin = 0
-        for cc in range(3):
-            c = 2 - cc
-            v = int(math.floor((frac[i, c] - fmin[c]) * scale[c]))
-            if v < 0:
-                v = 0
-            if v >= nb[c]:
-                v = nb[c] - 1
-            lin = lin * nb[c] + v
-        binof[i] = lin
+    if n >= _PARALLEL_MIN_ATOMS:
+        _bin_par(frac, fmin, scale, nb, binof, nchunks)
+    else:
+        _bin_range(0, n, frac, fmin, scale, nb, binof)
 
     # stable counting sort by bin
     cell_start = np.zeros(nbins + 1, np.int64)
@@ -332,21 +408,10 @@ def _plan(positions, cell, pbc, r_cut, sub):
     ks = np.empty((n, 3), np.int32)
     xmax = 0.0
     kmax = np.zeros(3, np.int64)
-    for t in range(n):
-        i = perm[t]
-        k0, k1, k2 = kq[i, 0], kq[i, 1], kq[i, 2]
-        ks[t, 0] = k0
-        ks[t, 1] = k1
-        ks[t, 2] = k2
-        xs[t] = np.float64(positions[i, 0]) - (
-            k0 * M[0, 0] + k1 * M[1, 0] + k2 * M[2, 0]
-        )
-        ys[t] = np.float64(positions[i, 1]) - (
-            k0 * M[0, 1] + k1 * M[1, 1] + k2 * M[2, 1]
-        )
-        zs[t] = np.float64(positions[i, 2]) - (
-            k0 * M[0, 2] + k1 * M[1, 2] + k2 * M[2, 2]
-        )
+    if n >= _PARALLEL_MIN_ATOMS:
+        _gather_par(positions, kq, perm, M, xs, ys, zs, ks, nchunks)
+    else:
+        _gather_range(0, n, positions, kq, perm, M, xs, ys, zs, ks)
     for i in range(n):
         for c in range(3):
             a = abs(np.float64(positions[i, c]))
@@ -636,11 +701,6 @@ def _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
                     shifts_out[p0 + w, 2] = tsh[w, 2]
 
 
-# Small systems run serially: a parallel region costs tens of microseconds
-# (and far more with the OpenMP layer on an oversubscribed machine).
-_PARALLEL_MIN_ATOMS = 4096
-
-
 @njit(cache=True, parallel=True)
 def _count_par(positions, state, counts_sorted, nchunks):
     for ch in prange(nchunks):
@@ -702,7 +762,7 @@ def search_count(positions, cell, pbc, r_cut):
     code = _validate(positions, cell, pbc, r_cut)
     if code != 0 or n == 0:
         return code, _empty_state(), np.zeros(n + 1, np.int64)
-    state = _plan(positions, cell, pbc, r_cut, 1)
+    state = _plan(positions, cell, pbc, r_cut)
     counts_sorted = np.empty(n, np.int64)
     nb = state[0]
     nbins = nb[0] * nb[1] * nb[2]
