@@ -45,9 +45,21 @@ then loops over ``2*m+1`` neighbouring bins per direction (``m = 1`` unless
 the cell is thinner than r_cut, in which case ``m = ceil(r_cut / width)``
 images are visited).  Atoms are counting-sorted by bin (stable), so the
 neighbouring bins along x of one bin row are one contiguous run of atoms
-("segment"); all centres of a bin share the same segment list.  The work is
-parallelised over chunks of bins with ``prange``.  Memory: O(N) for bins and
-sorted copies (~70 bytes/atom) plus 20 bytes per pair for the output.
+("segment"); all centres of a bin share the same segment list.  In dense
+systems (>= 8 atoms per r_cut-wide bin) the bins along direction 0 are halved
+(search +-2 there), which shortens each segment from 3 to 2.5 r_cut without
+adding segments.  Count pass: a vectorised compare-and-count per segment.
+Fill pass: branch-free compaction per segment, then the writes; pairs within
+a few ulps of r_cut are re-decided with ASE's formula in both passes.  Work
+is split over chunks of bins with ``prange`` (N >= 4096; smaller systems run
+serially because a parallel region costs more than the whole search).
+Memory: O(N) for bins and sorted copies (~70 bytes/atom, ~110 at the peak of
+the binning step) plus 20 bytes per pair for the output.
+
+Return codes of the njit entry points: n_pairs >= 0, or ERR_NONFINITE (-1),
+ERR_CELL (-2, degenerate cell along a periodic direction), ERR_RCUT (-3),
+ERR_TOO_MANY_IMAGES (-4, > 100000 images along one direction).  The host
+function turns them into ValueError.
 
 Public functions
 ----------------

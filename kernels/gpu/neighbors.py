@@ -45,7 +45,6 @@ from ..cpu.neighbors import (
     _BIN_SAFETY,
     _ERR_MESSAGES,
     _MAX_IMAGES,
-    ERR_CELL,
     ERR_NONFINITE,
     ERR_RCUT,
     ERR_TOO_MANY_IMAGES,
@@ -71,11 +70,22 @@ def _image(z, n, K, per):
 
 @triton.jit
 def _nl_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, cnt_ptr,
-               ci_ptr, cj_ptr, cs_ptr,
-               m00, m01, m02, m10, m11, m12, m20, m21, m22,
+               ci_ptr, cj_ptr, cs_ptr, geom_ptr,
                nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz,
-               rc2, capacity,
+               capacity,
                FILL: tl.constexpr, BLOCK: tl.constexpr):
+    # binning basis M (row-major) and r_cut^2 come as a float64 buffer:
+    # Python float kernel arguments would be passed as fp32
+    m00 = tl.load(geom_ptr + 0)
+    m01 = tl.load(geom_ptr + 1)
+    m02 = tl.load(geom_ptr + 2)
+    m10 = tl.load(geom_ptr + 3)
+    m11 = tl.load(geom_ptr + 4)
+    m12 = tl.load(geom_ptr + 5)
+    m20 = tl.load(geom_ptr + 6)
+    m21 = tl.load(geom_ptr + 7)
+    m22 = tl.load(geom_ptr + 8)
+    rc2 = tl.load(geom_ptr + 9)
     t = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     b = tl.load(binof_ptr + t)
@@ -225,13 +235,16 @@ def _plan(positions, pbc, r_cut, M, B):
 
 def _launch(plan, n, r_cut, pbc, fill, offsets, counts, ci, cj, cs, capacity,
             block, num_warps):
-    M = plan["M"]
+    import torch
+
+    geom = torch.tensor(list(np.asarray(plan["M"], np.float64).ravel())
+                        + [float(r_cut) ** 2], dtype=torch.float64,
+                        device=plan["xs"].device)
     _nl_kernel[(n,)](
         plan["xs"], plan["ks"], plan["perm"], plan["binof"], plan["cstart"],
-        offsets, counts, ci, cj, cs,
-        *[float(M[a, b]) for a in range(3) for b in range(3)],
+        offsets, counts, ci, cj, cs, geom,
         *plan["nb"], *plan["ms"], *plan["kk"], *[int(bool(p)) for p in pbc],
-        float(r_cut) ** 2, int(capacity),
+        int(capacity),
         FILL=fill, BLOCK=block, num_warps=num_warps,
     )
 
