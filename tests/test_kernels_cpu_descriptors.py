@@ -154,6 +154,26 @@ def test_ean_float32():
     check_all(spec, d, centers, species, n, {np.float32: 1e-5, np.float64: 1e-10})
 
 
+def test_ean_float32_tables():
+    """Every float table rounded to float32 (what kernels_api passes when JAX runs without x64):
+    the radial functions lose float64 accuracy but stay within float32 tolerance."""
+    d, centers, species, n = ean_pairs()
+    spec = DescriptorSpec(n_species=4, r_cut=3.5, n_max=4)
+    rng = np.random.default_rng(3)
+    d = d.astype(np.float32)
+    X_bar = rng.normal(size=(n, spec.n_features)).astype(np.float32)
+    d_dot = rng.normal(size=d.shape).astype(np.float32)
+    Xr, Ar, gr, tr = reference(spec, d, centers, species, n, X_bar, d_dot)
+    tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
+                   for t in K.make_tables(4, 3.5, 4, np.float32))
+    offsets = K.offsets_from_centers(centers, n)
+    X, A = run_forward(d, offsets, species, tables)
+    assert_close(X, Xr, 1e-5)
+    assert_close(A, Ar, 1e-5)
+    assert_close(run_vjp(d, offsets, species, tables, A, X_bar), gr, 1e-5)
+    assert_close(run_jvp(d, offsets, species, tables, A, d_dot), tr, 1e-5)
+
+
 def test_ean_with_padding_and_degenerate_rows():
     """Padding rows (centre = n_atoms, d = 0), pairs at r >= r_cut and r = 0 inside a run."""
     d, centers, species, n = ean_pairs()

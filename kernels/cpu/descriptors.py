@@ -54,27 +54,31 @@ accumulation of A, the contractions) runs in the input dtype.
 
 Implementation
 --------------
-Parallel (``prange``) over a few chunks of consecutive centres per thread; inside a
-chunk, its pairs (contiguous in CSR order) are processed in blocks of ``_B`` pairs
-regardless of centre boundaries, in structure-of-arrays scratch so that the per-pair
-work (sin/cos, Bessel recurrences, the radial combination, Y_lm and its gradient, the
-vjp/jvp contractions) vectorises across pairs (AVX-512 on this machine).  Each pair
-then scatters into (forward, jvp) or gathers from (vjp) its centre's row, scalar.
+Parallel (``prange``) over chunks of consecutive centres (about 8 x 64 pairs each, a
+multiple of 8 chunks: even static split over 1, 2, 4, 8 threads); inside a chunk, its
+pairs (contiguous in CSR order) are processed in blocks of ``_B`` = 64 pairs regardless
+of centre boundaries, in structure-of-arrays scratch so that the per-pair work (sin/cos,
+Bessel recurrences, the radial combination, Y_lm and its gradient, the vjp/jvp
+contractions) runs in loops over pairs that LLVM vectorises (AVX-512 here; narrower
+blocks leave most of the work in scalar remainder loops).  Each pair then scatters its
+55 x S contributions into (forward, jvp) or gathers its A_bar row from (vjp) its centre's
+row, scalar.  The per-centre contractions (power spectrum, its jvp) run on the chunk's
+A transposed to centre-minor layout, vectorised over the chunk's centres.
 
-j_l(x): for each distinct argument x = u_{l,k} r / r_c one branch-free, vectorisable
-sincos (Cody-Waite reduction, fdlibm polynomials), then the upward recurrence to j_l
-(specialised per l, so the loop over pairs is innermost) above the reference's per-l
-threshold; the power series below it (a scalar fix-up, run only for blocks that hold
-a pair with small x).  j_l'(x) = j_{l-1}(x) - (l+1)/x j_l(x) (j_0' = -j_1), and the
-differentiated series below the threshold.  Y_lm: polynomials in the unit vector (same
-normalisation and m order as ``basis.real_spherical_harmonics``), gradient projected
-with (I - u u^T)/r.
+j_l(x): above the reference's per-l threshold, one branch-free, vectorisable sincos per
+distinct argument x = u_{l,k} r / r_c (Cody-Waite reduction, fdlibm polynomials; for
+l = 0 the arguments are (k+1) pi r / r_c, so a single sincos and angle addition serve all
+k), then the upward recurrence to j_l (compiled per literal l < 8 so that the loop over
+pairs is innermost; a generic loop above); below it, the power series (a scalar fix-up,
+run only for blocks that hold a pair with small x).  j_l'(x) = j_{l-1}(x) - (l+1)/x j_l(x)
+(j_0' = -j_1), and the differentiated series below the threshold.  Y_lm: polynomials in
+the unit vector (same normalisation and m order as ``basis.real_spherical_harmonics``),
+gradient projected with (I - u u^T)/r.
 """
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import literally, njit, prange
 
@@ -99,10 +103,12 @@ _SIN = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.984126982985
         2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
 _COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
         -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
-# pi/2 = _P1 + _P2 + _P3 (Cody-Waite; n * _P1 exact for n < 2^20)
-_P1 = 1.57079632673412561417e+00
-_P2 = 6.07710050650619224932e-11
-_P3 = 2.02226624879595063154e-21
+# pi/2 = _P1 + _P2 + _P3 (Cody-Waite).  _P1 and _P2 are short (float32-exact, n * _P1 and
+# n * _P2 exact), _P3 carries the rest: accurate in float64, and still accurate when a
+# caller rounds the float64 tables to float32 (JAX without x64 cannot hold float64 arrays).
+_P1 = 1.5703125
+_P2 = 4.837512969970703125e-4
+_P3 = 7.549789954891882e-08  # pi/2 - _P1 - _P2 to 1e-24
 
 
 # ---------------------------------------------------------------------------
@@ -229,43 +235,51 @@ def offsets_from_centers(centers, n_atoms: int) -> np.ndarray:
 
 
 def flop_counts(n_max: int = 4, n_species: int = 4) -> dict:
-    """Analytic flop counts {kernel: (per pair, per centre)}: FMA = 2, divide/sqrt/compare = 1.
+    """Analytic counts of the flops the kernels execute, {kernel: (per pair, per centre)}.
 
-    Per pair (L = n_max + 1; n_args = sum_l (n_max-l+2) Bessel arguments, 20 for n_max = 4;
-    recurrence branch; the rare series fix-up is not counted):
-      geometry: r^2 (5), compare (2), sqrt, 1/r, unit vector (3)                    = 12
-      per argument: x = u r (1); sincos: reduction (2 + 6), sin poly (14), cos poly (15),
-        quadrant (2) = 39; 1/x, j_0, j_1 (4); each recurrence step 3; j_l' (3) + chain (1)
-      radial combination g = W j: 2 sum_l sum_n (n+2)   (the same again for dg)
-      Y_lm: C_m, S_m (6 per m); Legendre Q: 4 per (l,m) with l >= m+2, 2 for l = m+1;
-        Y: 1 per m = 0 entry, 3 per +-m pair; gradient (vjp/jvp): dQ (5 / 1), dY (1 per
-        m = 0 entry, 9 per +-m pair)
-      forward: A += g Y: 2 n_nlm
-      vjp: t = sum dg (A_bar Y) and G_lm = sum_n A_bar g: 6 n_nlm; v = sum_lm G grad Y:
-        6 L^2; projection d_bar = u t + (v - u (u.v)) / r: 15
-      jvp: rho, tangent (14); Y_t = grad Y . tangent: 5 L^2; A_dot += dg rho Y + g Y_t:
-        5 n_nlm (+ n_nl for dg rho)
+    FMA = 2 flops; add, multiply, divide, sqrt, compare, select = 1.  For n_max = 4, S = 4:
+    forward 1122 / 1100, vjp 1664 / 2000, jvp 1596 / 2200 (per pair / per centre).
+    Every pair slot of a block is computed (padding slots of a chunk's last block included,
+    not counted here); the rare series fix-up for small x is not counted.
+
+    Per pair (L = n_max + 1; Bessel arguments u_{l,k} r / r_c, k = 0 .. n_max-l+1):
+      geometry: r^2 (5), validity (4), sqrt, 1/r, unit vector (3)                  = 14
+      one sincos (Cody-Waite reduction 8, sin poly 14, cos poly 15, quadrant 2)    = 39
+      l = 0 (one sincos for all k): x = u r, sincos; per k: angle addition (6, k > 0),
+        1/x (2), j_0 (1), u j_0' = -u j_1 (3)
+      l >= 1, per k: x = u r (1), sincos (39), 1/x, j_0, j_1 (4), l-1 recurrence steps (3 each),
+        u j_l' = u (j_{l-1} - (l+1)/x j_l) (4)
+      radial combination g = W j: 2 sum_l sum_n (n+2) - n_nl   (the same again for dg)
+      Y_lm: C_m, S_m (6 per m); Legendre Q: 4 per (l,m) with l >= m+2, 1 for l = m+1;
+        Y: 1 per m = 0 entry, 3 per +-m pair; gradient (vjp, jvp): dQ 5 per (l,m) with
+        l >= m+2, dY 1 per m = 0 entry, 9 per +-m pair
+      forward: contributions g Y (n_nlm) and their scatter-add (n_nlm)
+      vjp: t = sum dg (A_bar Y) (3 n_nlm), G_lm = sum_n A_bar g (2 n_nlm); v = sum_lm G grad Y
+        (6 L^2); d_bar = u t + (v - u (u.v)) / r (17)
+      jvp: rho = u.d_dot, tangent (14); Y_t = grad Y . tangent (5 L^2); dg rho (n_nl);
+        contributions dg rho Y + g Y_t (3 n_nlm) and scatter-add (n_nlm)
     Per centre (S species, n_sp = S(S+1)/2 blocks, n_nl = L(L+1)/2):
-      forward: p = sum_m A^a A^b: 2 n_sp n_nlm
-      vjp: A_bar = sum_b w X_bar A^b: 2 S^2 n_nlm + S^2 n_nl
+      forward: p^{ab} = sum_m A^a A^b: 2 n_sp n_nlm
+      vjp: A_bar^a = sum_b w X_bar^{ab} A^b: 2 S^2 n_nlm + S^2 n_nl
       jvp: X_dot = sum_m (A_dot^a A^b + A^a A_dot^b): 4 n_sp n_nlm
     """
     L = n_max + 1
     n_nl = L * (L + 1) // 2
     n_nlm = n_nlm_of(n_max)
     n_sp = n_species * (n_species + 1) // 2
-    args = [(l, k) for l in range(L) for k in range(n_max - l + 2)]
-    per_arg = sum(1 + 39 + 4 + 3 * max(l - 1, 0) + 4 for (l, _) in args)
-    wj = 2 * sum(n + 2 for l in range(L) for n in range(n_max - l + 1))
+    sincos = 39
+    radial = 1 + sincos + sum((6 if k > 0 else 0) + 6 for k in range(n_max + 2))
+    radial += sum(1 + sincos + 4 + 3 * (l - 1) + 4 for l in range(1, L) for _ in range(n_max - l + 2))
+    wj = sum(2 * (n + 2) - 1 for l in range(L) for n in range(n_max - l + 1))
     n_pm = (L * L - L) // 2  # +-m pairs
-    qrec = sum(4 if l >= m + 2 else (2 if l == m + 1 else 0) for m in range(L) for l in range(m, L))
-    dqrec = sum(5 if l >= m + 2 else (1 if l == m + 1 else 0) for m in range(L) for l in range(m, L))
+    qrec = sum(4 if l >= m + 2 else (1 if l == m + 1 else 0) for m in range(L) for l in range(m, L))
+    dqrec = sum(5 if l >= m + 2 else 0 for m in range(L) for l in range(m, L))
     y = 6 * (L - 1) + qrec + L + 3 * n_pm
     dy = dqrec + L + 9 * n_pm
-    geom = 12
-    fwd = geom + per_arg + wj + y + 2 * n_nlm
-    vjp = geom + per_arg + 2 * wj + y + dy + 6 * n_nlm + 6 * L * L + 15
-    jvp = geom + per_arg + 2 * wj + y + dy + 14 + 5 * L * L + 5 * n_nlm + n_nl
+    geom = 14
+    fwd = geom + radial + wj + y + 2 * n_nlm
+    vjp = geom + radial + 2 * wj + y + dy + 5 * n_nlm + 6 * L * L + 17
+    jvp = geom + radial + 2 * wj + y + dy + 14 + 5 * L * L + n_nl + 4 * n_nlm
     return {
         "forward": (fwd, 2 * n_sp * n_nlm),
         "vjp": (vjp, 2 * n_species**2 * n_nlm + n_species**2 * n_nl),
@@ -389,6 +403,62 @@ def _jrow(l, u, r, rc, jv, djv, k):
 
 
 @njit(**_JIT)
+def _jrow0_all(r, rc, roots, jv, djv, s1, c1, sk, ck):
+    """l = 0, all k: the arguments are (k+1) theta with theta = pi r / r_c, so one sincos gives
+    sin((k+1) theta), cos((k+1) theta) by angle addition (error ~ (k+1) ulp); then
+    jv[k] = j_0(x) = sin x / x, djv[k] = u_k j_0'(x) = -u_k j_1(x)."""
+    n_max = roots.shape[0] - 1
+    nB = r.shape[0]
+    one = rc[_R_ONE]
+    half = rc[_R_HALF]
+    tpi = rc[_R_TWO_OVER_PI]
+    p1 = rc[_R_P1]
+    p2 = rc[_R_P2]
+    p3 = rc[_R_P3]
+    q1 = rc[_R_SIN]
+    q2 = rc[_R_SIN + 1]
+    q3 = rc[_R_SIN + 2]
+    q4 = rc[_R_SIN + 3]
+    q5 = rc[_R_SIN + 4]
+    q6 = rc[_R_SIN + 5]
+    k1 = rc[_R_COS]
+    k2 = rc[_R_COS + 1]
+    k3 = rc[_R_COS + 2]
+    k4 = rc[_R_COS + 3]
+    k5 = rc[_R_COS + 4]
+    k6 = rc[_R_COS + 5]
+    u0 = roots[0, 0]
+    for b in range(nB):
+        x = u0 * r[b]
+        n = np.floor(x * tpi + half)
+        y = ((x - n * p1) - n * p2) - n * p3
+        z = y * y
+        sy = y + y * z * (q1 + z * (q2 + z * (q3 + z * (q4 + z * (q5 + z * q6)))))
+        cy = one - half * z + z * z * (k1 + z * (k2 + z * (k3 + z * (k4 + z * (k5 + z * k6)))))
+        q = np.int32(n)
+        sn = cy if (q & 1) else sy
+        cs = sy if (q & 1) else cy
+        sn = -sn if (q & 2) else sn
+        cs = -cs if ((q + 1) & 2) else cs
+        s1[b] = sn
+        c1[b] = cs
+        sk[b] = sn
+        ck[b] = cs
+    for k in range(n_max + 2):
+        u = roots[0, k]
+        if k > 0:
+            for b in range(nB):
+                sn = sk[b] * c1[b] + ck[b] * s1[b]
+                ck[b] = ck[b] * c1[b] - sk[b] * s1[b]
+                sk[b] = sn
+        for b in range(nB):
+            iv = one / (u * r[b])
+            j0 = sk[b] * iv
+            jv[k, b] = j0
+            djv[k, b] = -(j0 - ck[b]) * iv * u
+
+
+@njit(**_JIT)
 def _jrow_generic(l, u, r, rc, jv, djv, k, ja, jb, inv):
     """_jrow for any l (loops over pairs inside the recurrence; slower)."""
     one = rc[_R_ONE]
@@ -413,7 +483,7 @@ def _jrow_generic(l, u, r, rc, jv, djv, k, ja, jb, inv):
 
 
 @njit(**_JIT)
-def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, jv, djv, g, dg):
+def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, g0, jv, djv, g, dg):
     """g[c, b] = g_nl(r_b) and (deriv) dg[c, b] = g_nl'(r_b) for every (n, l) column c.
 
     Evaluated in float64 (r, jv, djv, ja, jb, inv float64), stored into g, dg of the input dtype."""
@@ -424,10 +494,12 @@ def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, j
     nB = r.shape[0]
     for l in range(L):
         nk = n_max - l + 2
+        if l == 0:
+            _jrow0_all(r, rc, roots, jv, djv, ja, jb, inv, g0)
         for k in range(nk):
             u = roots[l, k]
             if l == 0:
-                _jrow(0, u, r, rc, jv, djv, k)
+                pass
             elif l == 1:
                 _jrow(1, u, r, rc, jv, djv, k)
             elif l == 2:
@@ -613,38 +685,84 @@ def _nlm_segments(nl_index, n_nl, n_nlm):
 
 
 @njit(**_JIT)
-def _segment_sums(prod, start, length, out, i, base):
-    """out[i, base + c] = sum of prod over the m run of column c."""
-    for c in range(start.shape[0]):
-        o = start[c]
-        acc = prod[o]
-        for q in range(1, length[c]):
-            acc += prod[o + q]
-        out[i, base + c] = acc
+def _species_pairs(pair_index):
+    """ia[pb], ib[pb]: the species pair (a <= b) of feature block pb."""
+    S = pair_index.shape[0]
+    n = S * (S + 1) // 2
+    ia = np.zeros(n, np.int64)
+    ib = np.zeros(n, np.int64)
+    for a in range(S):
+        for bb in range(a, S):
+            pb = pair_index[a, bb]
+            if 0 <= pb < n:
+                ia[pb] = a
+                ib[pb] = bb
+    return ia, ib
+
+
+# Per-chunk contractions on centre-minor ("transposed") arrays At[a, q, k] = A[c0 + k, a, q]:
+# the loops over the chunk's centres k are innermost and contiguous, so they vectorise
+# (the m runs of the nlm axis are too short for that).
 
 
 @njit(**_JIT)
-def _power_spectrum(A, i, pair_index, n_nl, start, length, prod, X):
-    """X[i, (ab) block] = sum_m A^a_{nlm} A^b_{nlm}."""
-    S = pair_index.shape[0]
-    n_nlm = A.shape[2]
+def _transpose_in(A, c0, At):
+    S = At.shape[0]
+    n_nlm = At.shape[1]
+    nc = At.shape[2]
     for a in range(S):
-        for bb in range(a, S):
-            for q in range(n_nlm):
-                prod[q] = A[i, a, q] * A[i, bb, q]
-            _segment_sums(prod, start, length, X, i, pair_index[a, bb] * n_nl)
+        for q in range(n_nlm):
+            for k in range(nc):
+                At[a, q, k] = A[c0 + k, a, q]
 
 
 @njit(**_JIT)
-def _power_spectrum_dot(A, Adot, i, k, pair_index, n_nl, start, length, prod, X_dot):
-    """X_dot[i, (ab) block] = sum_m (Adot^a A^b + A^a Adot^b); Adot row k is centre i."""
-    S = pair_index.shape[0]
-    n_nlm = A.shape[2]
-    for a in range(S):
-        for bb in range(a, S):
+def _transpose_out(At, c0, A):
+    S = At.shape[0]
+    n_nlm = At.shape[1]
+    nc = At.shape[2]
+    for k in range(nc):
+        for a in range(S):
             for q in range(n_nlm):
-                prod[q] = Adot[k, a, q] * A[i, bb, q] + A[i, a, q] * Adot[k, bb, q]
-            _segment_sums(prod, start, length, X_dot, i, pair_index[a, bb] * n_nl)
+                A[c0 + k, a, q] = At[a, q, k]
+
+
+@njit(**_JIT)
+def _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, c0, X):
+    """X[c0 + k, (ab) block] = sum_m A^a_{nlm} A^b_{nlm}."""
+    nc = At.shape[2]
+    for pb in range(ia.shape[0]):
+        a = ia[pb]
+        b = ib[pb]
+        for c in range(n_nl):
+            o = start[c]
+            for k in range(nc):
+                acc[k] = At[a, o, k] * At[b, o, k]
+            for q in range(o + 1, o + length[c]):
+                for k in range(nc):
+                    acc[k] += At[a, q, k] * At[b, q, k]
+            f = pb * n_nl + c
+            for k in range(nc):
+                X[c0 + k, f] = acc[k]
+
+
+@njit(**_JIT)
+def _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, c0, X_dot):
+    """X_dot[c0 + k, (ab) block] = sum_m (Adot^a A^b + A^a Adot^b)."""
+    nc = At.shape[2]
+    for pb in range(ia.shape[0]):
+        a = ia[pb]
+        b = ib[pb]
+        for c in range(n_nl):
+            o = start[c]
+            for k in range(nc):
+                acc[k] = Adt[a, o, k] * At[b, o, k] + At[a, o, k] * Adt[b, o, k]
+            for q in range(o + 1, o + length[c]):
+                for k in range(nc):
+                    acc[k] += Adt[a, q, k] * At[b, q, k] + At[a, q, k] * Adt[b, q, k]
+            f = pb * n_nl + c
+            for k in range(nc):
+                X_dot[c0 + k, f] = acc[k]
 
 
 @njit(**_JIT)
@@ -687,6 +805,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     f8 = np.float64
     zero = consts[_C_ZERO]
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    ia, ib = _species_pairs(pair_index)
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -702,6 +821,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         ja = np.empty(_B, f8)
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
+        g0 = np.empty(_B, f8)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -718,11 +838,8 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         Y = np.empty((L * L, _B), dt)
         dY = np.empty((3, 1, _B), dt)  # unused (no derivatives in the forward pass)
         C = np.empty((n_nlm, _B), dt)
-        prod = np.empty(n_nlm, dt)
-        for i in range(c0, c1):
-            for a in range(S):
-                for q in range(n_nlm):
-                    A[i, a, q] = zero
+        acc = np.empty(c1 - c0, dt)
+        At = np.zeros((S, n_nlm, c1 - c0), dt)  # A of the chunk, centre-minor
         p_lo = _clamp(offsets[c0], P)
         p_hi = max(_clamp(offsets[c1], P), p_lo)
         ci = c0
@@ -731,7 +848,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, vx, vy, vz, irt, valid, spc, ctr)
             _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
-                          ja, jb, inv, jv, djv, g, g)
+                          ja, jb, inv, g0, jv, djv, g, g)
             _ylm_block(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # contributions g_nl Y_lm, vectorised over pairs, then scattered by (centre, species)
             for q in range(n_nlm):
@@ -741,12 +858,12 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
                     C[q, b] = g[c, b] * Y[lq, b]
             for b in range(nb):
                 if valid[b]:
-                    i = ctr[b]
+                    k = ctr[b] - c0
                     s = spc[b]
                     for q in range(n_nlm):
-                        A[i, s, q] += C[q, b]
-        for i in range(c0, c1):
-            _power_spectrum(A, i, pair_index, n_nl, start, length, prod, X)
+                        At[s, q, k] += C[q, b]
+        _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, c0, X)
+        _transpose_out(At, c0, A)
 
 
 @njit(parallel=True, **_JIT)
@@ -765,6 +882,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     two = consts[_C_TWO]
     _zero_uncovered(offsets, N, P, d_bar)
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    ia, ib = _species_pairs(pair_index)
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -780,6 +898,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
         ja = np.empty(_B, f8)
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
+        g0 = np.empty(_B, f8)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -814,7 +933,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
             _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                          ja, jb, inv, jv, djv, g, dg)
+                          ja, jb, inv, g0, jv, djv, g, dg)
             _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # gather the A_bar row of each pair's (centre, species); zero for invalid slots
             for b in range(_B):
@@ -886,6 +1005,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     f8 = np.float64
     zero = consts[_C_ZERO]
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    ia, ib = _species_pairs(pair_index)
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -901,6 +1021,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         ja = np.empty(_B, f8)
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
+        g0 = np.empty(_B, f8)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -923,8 +1044,10 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         Yt = np.empty((L * L, _B), dt)
         C = np.empty((n_nlm, _B), dt)
         rho = np.empty(_B, dt)
-        prod = np.empty(n_nlm, dt)
-        Adot = np.zeros((c1 - c0, S, n_nlm), dt)
+        acc = np.empty(c1 - c0, dt)
+        At = np.empty((S, n_nlm, c1 - c0), dt)
+        Adt = np.zeros((S, n_nlm, c1 - c0), dt)  # A_dot of the chunk, centre-minor
+        _transpose_in(A, c0, At)
         p_lo = _clamp(offsets[c0], P)
         p_hi = max(_clamp(offsets[c1], P), p_lo)
         ci = c0
@@ -933,7 +1056,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
             _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                          ja, jb, inv, jv, djv, g, dg)
+                          ja, jb, inv, g0, jv, djv, g, dg)
             _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             for b in range(nb):
                 ex[b] = d_dot[p0 + b, 0]
@@ -970,9 +1093,8 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
                     k = ctr[b] - c0
                     s = spc[b]
                     for q in range(n_nlm):
-                        Adot[k, s, q] += C[q, b]
-        for i in range(c0, c1):
-            _power_spectrum_dot(A, Adot, i, i - c0, pair_index, n_nl, start, length, prod, X_dot)
+                        Adt[s, q, k] += C[q, b]
+        _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, c0, X_dot)
 
 
 # ---------------------------------------------------------------------------
