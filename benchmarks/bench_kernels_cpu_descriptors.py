@@ -1,11 +1,13 @@
 """Timing of the numba descriptor kernels (kernels/cpu/descriptors.py).
 
-Plain script: ``python benchmarks/bench_kernels_cpu_descriptors.py [--repeat R]``.
+Plain script: ``python benchmarks/bench_kernels_cpu_descriptors.py [--repeat R] [--threads T]``.
 EAN configuration 0 (225 atoms) and its 2x2x2 replica (1800 atoms), float32 and
 float64; forward, vjp, jvp.  Prints the best time over R runs (ms), the
 flop-count-based GFLOP/s (flops counted analytically, see
 ``descriptors.flop_counts``) and that rate as a fraction of the float32 peak
-of this CPU (2 cores x 2.6 GHz x 32 flop/cycle = 166 GFLOP/s).
+of this CPU (2 cores x 2.6 GHz x 32 flop/cycle = 166 GFLOP/s; with --threads 1 the
+percentage is still of the 2-core peak).  The first call of each kernel compiles it
+(or loads numba's cache) and is not timed.
 """
 from __future__ import annotations
 
@@ -55,12 +57,15 @@ def best_of(f, repeat):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--sizes", default="1,2")
+    ap.add_argument("--sizes", default="1,2", help="replicas per direction, e.g. 1,2")
+    ap.add_argument("--threads", type=int, default=0, help="numba threads (default: all)")
     args = ap.parse_args()
     if not os.path.exists(EAN_FILE):
         raise SystemExit(f"{EAN_FILE} not found")
     import numba
 
+    if args.threads:
+        numba.set_num_threads(args.threads)
     base = ean_atoms()
     r_cut, n_max, n_species = 3.5, 4, 4
     fl = K.flop_counts(n_max, n_species)
