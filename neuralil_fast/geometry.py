@@ -7,6 +7,7 @@ zero lattice vector.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,40 +87,68 @@ def check_cell(cell, pbc) -> tuple[np.ndarray, np.ndarray]:
     return cell, pbc
 
 
-def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+def _array_module(x):
+    """``jax.numpy`` for a JAX array (tracers included), ``numpy`` for anything else.
+
+    Lets the cell helpers below serve both the host (NumPy) and jitted (JAX) code
+    paths with one implementation; JAX is not imported here unless already loaded.
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        import jax.numpy as jnp
+
+        return jnp
+    return np
+
+
+def _complete_cell(cell, pbc):
     """The cell with each open direction's vector replaced by a unit vector orthogonal
     to the periodic ones, so that fractional coordinates are always defined.
 
     Open directions carry no images, so their lattice vectors (often zero) only
-    need to complete a basis.
+    need to complete a basis.  ``cell`` may be a NumPy or a JAX array (traceable
+    under ``jit``); ``pbc`` must be concrete (array or tuple of bools).
     """
-    full = cell.copy()
-    periodic = cell[pbc]
+    xp = _array_module(cell)
+    pbc = np.asarray(pbc, dtype=bool)
+    periodic = [cell[k] for k in np.flatnonzero(pbc)]
     if len(periodic) == 3:
-        return full
+        return cell.copy()
     if len(periodic) == 2:
-        complement = [np.cross(periodic[0], periodic[1])]
+        complement = [xp.cross(periodic[0], periodic[1])]
     elif len(periodic) == 1:
         a = periodic[0]
-        b = np.cross(a, np.eye(3)[np.argmin(np.abs(a))])
-        complement = [b, np.cross(a, b)]
+        b = xp.cross(a, xp.eye(3, dtype=cell.dtype)[xp.argmin(xp.abs(a))])
+        complement = [b, xp.cross(a, b)]
     else:
-        complement = list(np.eye(3))
-    open_dirs = np.flatnonzero(~pbc)
-    for k, v in zip(open_dirs, complement):
-        norm = np.linalg.norm(v)
-        full[k] = v / norm if norm > 0 else v
-    return full
+        complement = list(xp.eye(3, dtype=cell.dtype))
+    it = iter(complement)
+    rows = []
+    for k in range(3):
+        if pbc[k]:
+            rows.append(cell[k])
+        else:
+            v = next(it)
+            norm = xp.linalg.norm(v)
+            rows.append(v / xp.where(norm > 0, norm, 1.0))  # a zero v stays zero
+    return xp.stack(rows)
 
 
-def perpendicular_widths(cell) -> np.ndarray:
-    """(3,) distances between opposite faces of the cell, Å: V / |a_j x a_k|."""
-    cell = np.asarray(cell, dtype=np.float64)
-    vol = abs(np.linalg.det(cell))
-    cross = np.stack(
-        [np.cross(cell[1], cell[2]), np.cross(cell[2], cell[0]), np.cross(cell[0], cell[1])]
+def perpendicular_widths(cell):
+    """(3,) distances between opposite faces of the cell, Å: V / |a_j x a_k|.
+
+    NumPy input (anything array-like) is computed in float64 and gives a NumPy
+    array; a JAX array keeps its dtype and gives a JAX array (traceable).  A
+    degenerate cell gives width 0 where a face area vanishes.
+    """
+    xp = _array_module(cell)
+    if xp is np:
+        cell = np.asarray(cell, dtype=np.float64)
+    vol = xp.abs(xp.linalg.det(cell))
+    cross = xp.stack(
+        [xp.cross(cell[1], cell[2]), xp.cross(cell[2], cell[0]), xp.cross(cell[0], cell[1])]
     )
-    return vol / np.linalg.norm(cross, axis=1)
+    return vol / xp.maximum(xp.linalg.norm(cross, axis=1), 1e-30)
 
 
 def wrap_positions(positions, cell, pbc) -> np.ndarray:

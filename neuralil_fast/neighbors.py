@@ -234,7 +234,7 @@ def _build_reference_jax(nl: NeighborList, positions, cell):
     ).reshape(-1, 3)
     pbc = jnp.asarray(nl.pbc)
     full = cell  # open directions have zero images, so their vectors never enter
-    frac = jnp.linalg.solve(_complete_cell_jax(cell, nl.pbc).T, positions.T).T
+    frac = jnp.linalg.solve(_complete_cell(cell, nl.pbc).T, positions.T).T
     offset = jnp.where(pbc, -jnp.floor(frac), 0.0).astype(jnp.int32)
     wrapped = positions + offset.astype(positions.dtype) @ full
     image_vec = jnp.asarray(grid, positions.dtype) @ full
@@ -251,38 +251,10 @@ def _build_reference_jax(nl: NeighborList, positions, cell):
     # The static image grid was sized at allocation; a thinner cell needs more images.
     # Widths of the completed cell (as on the host): open directions' vectors may be
     # zero or skewed and must not shrink the periodic widths.
-    widths = _perp_widths_jax(_complete_cell_jax(cell, nl.pbc))
+    widths = perpendicular_widths(_complete_cell(cell, nl.pbc))
     need = jnp.where(pbc, jnp.ceil(r_list / widths) + 1, 0)
     too_few_images = jnp.any(need > jnp.asarray(nl.max_images))
     return a.astype(jnp.int32), j.astype(jnp.int32), S, count, too_few_images
-
-
-def _complete_cell_jax(cell, pbc: tuple):
-    if all(pbc):
-        return cell
-    # Open directions: any basis completion works; reuse the host helper on the
-    # static pattern by orthogonal complement of the periodic rows.
-    rows = []
-    periodic = [cell[k] for k in range(3) if pbc[k]]
-    if len(periodic) == 2:
-        comp = [jnp.cross(periodic[0], periodic[1])]
-    elif len(periodic) == 1:
-        a = periodic[0]
-        trial = jnp.eye(3, dtype=cell.dtype)[jnp.argmin(jnp.abs(a))]
-        b = jnp.cross(a, trial)
-        comp = [b, jnp.cross(a, b)]
-    else:
-        comp = list(jnp.eye(3, dtype=cell.dtype))
-    it = iter(comp)
-    for k in range(3):
-        rows.append(cell[k] if pbc[k] else next(it))
-    return jnp.stack(rows)
-
-
-def _perp_widths_jax(cell):
-    vol = jnp.abs(jnp.linalg.det(cell))
-    cross = jnp.stack([jnp.cross(cell[1], cell[2]), jnp.cross(cell[2], cell[0]), jnp.cross(cell[0], cell[1])])
-    return vol / jnp.maximum(jnp.linalg.norm(cross, axis=1), 1e-30)
 
 
 def update(nl: NeighborList, positions, cell=None) -> NeighborList:
