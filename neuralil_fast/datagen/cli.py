@@ -23,40 +23,38 @@ def _temperatures(text: str) -> tuple[float, ...]:
     return temps
 
 
+# The options that set a GeneratorConfig field: (option, type, field, help).  The
+# default is the field's default; the parsed value is read back by config_from_args.
+_CONFIG_OPTIONS = (
+    ("--n-pairs", int, "n_pairs", "ion pairs per periodic box"),
+    ("--n-configs", int, "n_configs", "labelled configurations in all"),
+    ("--seed", int, "seed", "seed of the one numpy Generator behind everything"),
+    ("--temperatures", _temperatures, "temperatures",
+     "MD temperatures in K, one chain each, comma separated"),
+    ("--timestep", float, "timestep_fs", "MD time step in fs"),
+    ("--sample-every", int, "sample_every", "keep every n-th MD step"),
+    ("--relax-steps", int, "relax_steps", "FIRE steps on each packed box"),
+    ("--equil-steps", int, "equil_steps", "MD steps before the first kept frame"),
+    ("--n-rattle", int, "n_rattle", "rattled copies per kept MD frame"),
+    ("--rattle-std", float, "rattle_std", "rattle standard deviation in Å"),
+    ("--n-strain", int, "n_strain", "strained copies per kept MD frame"),
+    ("--max-strain", float, "max_strain", "largest strain component"),
+    ("--accuracy", float, "accuracy", "tblite SCF accuracy"),
+)
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
     parser.add_argument("--out", type=Path, default=Path("ean_xtb.xyz"),
                         help="output extxyz file (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None,
                         help="provenance summary (default: the --out path with .json)")
-    parser.add_argument("--n-pairs", type=int, default=d.n_pairs,
-                        help="ion pairs per periodic box (default: %(default)s)")
-    parser.add_argument("--n-configs", type=int, default=d.n_configs,
-                        help="labelled configurations in all (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="seed of the one numpy Generator behind everything "
-                             "(default: %(default)s)")
-    parser.add_argument("--temperatures", type=_temperatures, default=d.temperatures,
-                        help="MD temperatures in K, one chain each, comma separated "
-                             "(default: %(default)s)")
-    parser.add_argument("--timestep", type=float, default=d.timestep_fs,
-                        help="MD time step in fs (default: %(default)s)")
-    parser.add_argument("--sample-every", type=int, default=d.sample_every,
-                        help="keep every n-th MD step (default: %(default)s)")
-    parser.add_argument("--relax-steps", type=int, default=d.relax_steps,
-                        help="FIRE steps on each packed box (default: %(default)s)")
-    parser.add_argument("--equil-steps", type=int, default=d.equil_steps,
-                        help="MD steps before the first kept frame (default: %(default)s)")
-    parser.add_argument("--n-rattle", type=int, default=d.n_rattle,
-                        help="rattled copies per kept MD frame (default: %(default)s)")
-    parser.add_argument("--rattle-std", type=float, default=d.rattle_std,
-                        help="rattle standard deviation in Å (default: %(default)s)")
-    parser.add_argument("--n-strain", type=int, default=d.n_strain,
-                        help="strained copies per kept MD frame (default: %(default)s)")
-    parser.add_argument("--max-strain", type=float, default=d.max_strain,
-                        help="largest strain component (default: %(default)s)")
-    parser.add_argument("--accuracy", type=float, default=d.accuracy,
-                        help="tblite SCF accuracy (default: %(default)s)")
+    for option, type_, field, help_ in _CONFIG_OPTIONS:
+        parser.add_argument(option, type=type_, default=getattr(_DEFAULTS, field),
+                            help=f"{help_} (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one chain each (same results; "
                              "default: %(default)s)")
@@ -64,12 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
-    return GeneratorConfig(
-        n_pairs=args.n_pairs, n_configs=args.n_configs, seed=args.seed,
-        temperatures=args.temperatures, timestep_fs=args.timestep,
-        sample_every=args.sample_every, relax_steps=args.relax_steps,
-        equil_steps=args.equil_steps, n_rattle=args.n_rattle, rattle_std=args.rattle_std,
-        n_strain=args.n_strain, max_strain=args.max_strain, accuracy=args.accuracy)
+    return GeneratorConfig(**{field: getattr(args, _dest(option))
+                              for option, _, field, _ in _CONFIG_OPTIONS})
 
 
 def run(args: argparse.Namespace) -> int:
