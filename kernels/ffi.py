@@ -554,54 +554,46 @@ def _nb():
     i32 = ir.IntType(32)
     i64 = ir.IntType(64)
 
-    @intrinsic
-    def ld64(typingctx, addr):
-        if not isinstance(addr, types.Integer):
-            return None
+    def _load(bits: int):
+        """The intrinsic ``ld<bits>(addr) -> int64``: a bits-wide integer at addr, sign-extended."""
+        ty = ir.IntType(bits)
 
-        def codegen(context, builder, sig, args):
-            a = context.cast(builder, args[0], sig.args[0], types.intp)
-            return builder.load(builder.inttoptr(a, i64.as_pointer()))
+        def ld(typingctx, addr):
+            if not isinstance(addr, types.Integer):
+                return None
 
-        return types.int64(addr), codegen
+            def codegen(context, builder, sig, args):
+                a = context.cast(builder, args[0], sig.args[0], types.intp)
+                v = builder.load(builder.inttoptr(a, ty.as_pointer()))
+                return v if bits == 64 else builder.sext(v, i64)
 
-    @intrinsic
-    def ld32(typingctx, addr):
-        if not isinstance(addr, types.Integer):
-            return None
+            return types.int64(addr), codegen
 
-        def codegen(context, builder, sig, args):
-            a = context.cast(builder, args[0], sig.args[0], types.intp)
-            v = builder.load(builder.inttoptr(a, i32.as_pointer()))
-            return builder.sext(v, i64)
+        ld.__name__ = ld.__qualname__ = f"ld{bits}"
+        return intrinsic(ld)
 
-        return types.int64(addr), codegen
+    def _store(bits: int):
+        """The intrinsic ``st<bits>(addr, val)``: store val as a bits-wide integer at addr."""
+        ty = ir.IntType(bits)
+        nbty = types.int64 if bits == 64 else types.int32
 
-    @intrinsic
-    def st64(typingctx, addr, val):
-        if not isinstance(addr, types.Integer) or not isinstance(val, types.Integer):
-            return None
+        def st(typingctx, addr, val):
+            if not isinstance(addr, types.Integer) or not isinstance(val, types.Integer):
+                return None
 
-        def codegen(context, builder, sig, args):
-            a = context.cast(builder, args[0], sig.args[0], types.intp)
-            v = context.cast(builder, args[1], sig.args[1], types.int64)
-            builder.store(v, builder.inttoptr(a, i64.as_pointer()))
-            return context.get_dummy_value()
+            def codegen(context, builder, sig, args):
+                a = context.cast(builder, args[0], sig.args[0], types.intp)
+                v = context.cast(builder, args[1], sig.args[1], nbty)
+                builder.store(v, builder.inttoptr(a, ty.as_pointer()))
+                return context.get_dummy_value()
 
-        return types.none(addr, val), codegen
+            return types.none(addr, val), codegen
 
-    @intrinsic
-    def st32(typingctx, addr, val):
-        if not isinstance(addr, types.Integer) or not isinstance(val, types.Integer):
-            return None
+        st.__name__ = st.__qualname__ = f"st{bits}"
+        return intrinsic(st)
 
-        def codegen(context, builder, sig, args):
-            a = context.cast(builder, args[0], sig.args[0], types.intp)
-            v = context.cast(builder, args[1], sig.args[1], types.int32)
-            builder.store(v, builder.inttoptr(a, i32.as_pointer()))
-            return context.get_dummy_value()
-
-        return types.none(addr, val), codegen
+    ld64, ld32 = _load(64), _load(32)
+    st64, st32 = _store(64), _store(32)
 
     @intrinsic
     def make_error(typingctx, api, msg, errc):
