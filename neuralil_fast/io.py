@@ -37,6 +37,7 @@ signed zeros, byte order included).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _datetime
 import hashlib
 import json
@@ -289,14 +290,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield ``(fd, name)`` of a new temp file beside ``path`` (mode 0600, from mkstemp).
+
+    On a clean exit the temp file replaces ``path`` (:func:`os.replace`, atomic);
+    on an error it is removed.  The caller writes it and closes ``fd``.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        yield fd, tmp_name
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=directory
-    )
-    try:
+    with _replacing(path) as (fd, tmp_name):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -305,14 +322,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    _fsync_dir(path.parent if str(path.parent) else Path("."))
 
 
 def write_checkpoint(
@@ -1167,15 +1177,6 @@ def write_dataset(path: str | os.PathLike, configs: Iterable[Configuration]) -> 
 
     path = Path(path)
     frames = [to_atoms(c) for c in configs]
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with _replacing(path) as (fd, tmp_name):
+        os.close(fd)
         ase.io.write(tmp_name, frames, format="extxyz")
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
