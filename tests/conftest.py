@@ -7,6 +7,8 @@
   any primitive, forward or backward, fails the test.
 * ``shared_dir`` / ``ean_atoms``: the EAN DFT configurations in ../shared (tests
   using them skip with a reason where ../shared is absent).
+* ``small_system`` / ``initial_momenta``: a small random periodic C/H/N/O box and
+  thermal momenta for it (plain helpers: ``from conftest import small_system``).
 """
 from __future__ import annotations
 
@@ -124,3 +126,29 @@ def ean_atoms(index: int):
 def ean(shared_dir):
     """The ``ean_atoms`` helper as a fixture (skips where ../shared is absent)."""
     return ean_atoms
+
+
+# --------------------------------------------------------------------------- small systems
+
+
+def small_system(seed=0, n=24, length=7.0, min_dist=1.3):
+    """n random C/H/N/O atoms in a periodic cube, no two closer than min_dist Å."""
+    import ase
+
+    rng = np.random.default_rng(seed)
+    pos = []
+    while len(pos) < n:
+        p = rng.uniform(0, length, 3)
+        d = np.asarray(pos).reshape(-1, 3) - p
+        d -= length * np.round(d / length)
+        if len(pos) == 0 or np.min(np.linalg.norm(d, axis=1)) >= min_dist:
+            pos.append(p)
+    symbols = rng.choice(["C", "H", "N", "O"], n)
+    return ase.Atoms(symbols, positions=pos, cell=[length] * 3, pbc=True)
+
+
+def initial_momenta(atoms, kT=0.05, seed=1):
+    """(N, 3) Maxwell-Boltzmann momenta at kT (eV), zero total momentum."""
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * kT)
+    return p - p.mean(axis=0)

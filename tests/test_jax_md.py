@@ -1,7 +1,6 @@
 """JAX-MD adapter: NVE inside jit equals ASE's VelocityVerlet; the overflow loop; NVT runs."""
 from __future__ import annotations
 
-import ase
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,32 +10,14 @@ from ase.md.verlet import VelocityVerlet
 
 import neuralil_fast as nf
 
+from conftest import initial_momenta, small_system
+
 simulate = pytest.importorskip(
     "jax_md.simulate", reason="jax-md is not installed (optional extra: pip install 'neuralil_fast[md]')")
 njm = pytest.importorskip("neuralil_fast.jax_md")
 
 N_STEPS = 100
 DT = 0.5 * units.fs
-
-
-def small_system(seed=0, n=24, length=7.0, min_dist=1.3):
-    """n random C/H/N/O atoms in a periodic cube, no two closer than min_dist Å."""
-    rng = np.random.default_rng(seed)
-    pos = []
-    while len(pos) < n:
-        p = rng.uniform(0, length, 3)
-        d = np.asarray(pos).reshape(-1, 3) - p
-        d -= length * np.round(d / length)
-        if len(pos) == 0 or np.min(np.linalg.norm(d, axis=1)) >= min_dist:
-            pos.append(p)
-    symbols = rng.choice(["C", "H", "N", "O"], n)
-    return ase.Atoms(symbols, positions=pos, cell=[length] * 3, pbc=True)
-
-
-def initial_momenta(atoms, kT=0.05, seed=1):
-    rng = np.random.default_rng(seed)
-    p = rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * kT)
-    return p - p.mean(axis=0)
 
 
 @pytest.fixture(scope="module")

