@@ -832,24 +832,19 @@ class NumbaFFIKernel:
                 return " (jax_enable_x64 is off, so jax turns 64-bit arrays into 32-bit ones)"
             return ""
 
-        if len(args) != len(self.in_specs):
-            raise TypeError(f"{self.name}: expected {len(self.in_specs)} input arrays, got {len(args)}")
-        for k, (x, (dt, rank)) in enumerate(zip(args, self.in_specs)):
-            xdt, xnd = np.dtype(x.dtype), len(x.shape)
-            if xdt != dt or xnd != rank:
-                raise TypeError(
-                    f"{self.name}: input {k} must be {dt.name} of rank {rank}, "
-                    f"got {xdt.name} of shape {tuple(x.shape)}{hint(dt)}"
-                )
-        if len(out_shapes) != len(self.out_specs):
-            raise TypeError(f"{self.name}: expected {len(self.out_specs)} out_shapes, got {len(out_shapes)}")
-        for k, (s, (dt, rank)) in enumerate(zip(out_shapes, self.out_specs)):
-            sdt, snd = np.dtype(s.dtype), len(s.shape)
-            if sdt != dt or snd != rank:
-                raise TypeError(
-                    f"{self.name}: out_shapes[{k}] must be {dt.name} of rank {rank}, "
-                    f"got {sdt.name} of shape {tuple(s.shape)}{hint(dt)}"
-                )
+        def check(items, specs, what, item):
+            if len(items) != len(specs):
+                raise TypeError(f"{self.name}: expected {len(specs)} {what}, got {len(items)}")
+            for k, (x, (dt, rank)) in enumerate(zip(items, specs)):
+                xdt, xnd = np.dtype(x.dtype), len(x.shape)
+                if xdt != dt or xnd != rank:
+                    raise TypeError(
+                        f"{self.name}: {item.format(k)} must be {dt.name} of rank {rank}, "
+                        f"got {xdt.name} of shape {tuple(x.shape)}{hint(dt)}"
+                    )
+
+        check(args, self.in_specs, "input arrays", "input {}")
+        check(out_shapes, self.out_specs, "out_shapes", "out_shapes[{}]")
 
     # -- registration ------------------------------------------------------------
     def ensure_registered(self) -> None:
