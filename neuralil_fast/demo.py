@@ -26,7 +26,8 @@ def bundled_data() -> Path:
 
 def add_arguments(p):
     p.add_argument("--out", default="demo_out", help="folder for the model, log and plot")
-    p.add_argument("--max-minutes", type=float, default=4.0, help="training time budget")
+    p.add_argument("--max-minutes", type=float, default=3.0,
+                   help="training time budget (one LR cycle planned to fit in it)")
     p.add_argument("--md-steps", type=int, default=400, help="NVE steps of 0.5 fs")
     p.add_argument("--backend", default="auto", help="reference | numba | triton | auto")
     p.add_argument("--seed", type=int, default=0)
@@ -50,7 +51,7 @@ def run(args) -> int:
           f"(backend {args.backend})", flush=True)
     code = cli_main([
         "train", str(data), "--species", "C", "H", "N", "O", "--out", str(model_path),
-        "--max-minutes", str(args.max_minutes), "--epochs", "1000", "--n-valid", "40",
+        "--max-minutes", str(args.max_minutes), "--schedule", "run", "--n-valid", "40",
         "--split-seed", str(args.seed), "--seed", str(args.seed), "--backend", args.backend,
         "--log", str(log_path), "--parity", str(out / "parity.png"),
     ])

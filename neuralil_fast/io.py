@@ -292,15 +292,19 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _replacing(path: Path):
-    """Yield ``(fd, name)`` of a new temp file beside ``path`` (mode 0600, from mkstemp).
+    """Yield ``(fd, name)`` of a new temp file beside ``path``.
 
-    On a clean exit the temp file replaces ``path`` (:func:`os.replace`, atomic);
-    on an error it is removed.  The caller writes it and closes ``fd``.
+    On a clean exit the temp file gets the usual mode (0666 & ~umask; mkstemp made it
+    0600) and replaces ``path`` (:func:`os.replace`, atomic); on an error it is
+    removed.  The caller writes it and closes ``fd``.
     """
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         yield fd, tmp_name
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -318,10 +322,6 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates the file with mode 0600: give it the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
     _fsync_dir(path.parent if str(path.parent) else Path("."))
 
 

@@ -285,11 +285,14 @@ def test_skin_logic(x64):
     assert_same_pairs(valid_rows(nl3), naive_pairs(positions, cell3, pbc, r_cut + skin))
 
 
-def test_overflow_compression_and_reallocate(x64):
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_overflow_compression_and_reallocate(x64, backend):
+    """Compress inside a jitted fori_loop: the flag rises, the host reallocates, and the
+    list ends exact (the numba backend rebuilds through its FFI kernel inside jit)."""
     rng = np.random.default_rng(7)
     positions, cell, pbc = random_system(rng, n=24, box=7.0)
     r_cut, skin = 2.0, 0.3
-    nl = allocate(positions, cell, pbc, r_cut, skin, backend="reference")
+    nl = allocate(positions, cell, pbc, r_cut, skin, backend=backend)
     cap0 = nl.capacity
 
     @jax.jit

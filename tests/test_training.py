@@ -453,3 +453,50 @@ def test_numba_training_gradient_matches_reference(configs, x64):
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-12)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-11)
+
+
+def test_learning_rate_schedules():
+    from neuralil_fast.training.loop import learning_rate
+
+    ep = TrainConfig(lr_start=1e-3, lr_peak=1e-2, lr_end=1e-5)
+    # per epoch (10 steps): starts at lr_start, peaks at 30%, ends near lr_end, repeats
+    lrs = [learning_rate(ep, s, 10, None) for s in range(20)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[3] == pytest.approx(1e-2)
+    assert lrs[9] < 1e-3 and lrs[10:] == lrs[:10]
+    run = TrainConfig(lr_start=1e-3, lr_peak=1e-2, lr_end=1e-5, schedule="run", warmup_epochs=2)
+    lrs = [learning_rate(run, s, 10, 120) for s in range(130)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[20] == pytest.approx(1e-2)
+    assert np.all(np.diff(lrs[:21]) > 0) and np.all(np.diff(lrs[20:120]) < 0)
+    assert lrs[119] == pytest.approx(1e-5) and lrs[129] == pytest.approx(1e-5)
+    # before the budget is planned the LR holds the peak after the warm-up
+    assert learning_rate(run, 50, 10, None) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="epochs or max_minutes"):
+        TrainConfig(epochs=None)
+
+
+def test_run_schedule_budget_plan_and_resume(tmp_path, xyz):
+    # planned from a time budget: stored in the state and kept on resume
+    out = tmp_path / "budget.nil"
+    assert cli([xyz, "--out", out, "--epochs", 5, "--max-minutes", 10, "--schedule", "run",
+                "--warmup-epochs", 1, *COMMON]) == 0
+    _, _, extra = load(Path(str(out) + ".state"), with_extra=True)
+    t = extra["training"]
+    steps_per_epoch = t["step"] // t["epoch"]
+    assert t["epoch"] == 5 and t["planned_steps"] == 5 * steps_per_epoch  # epochs cap the plan
+    assert t["history"][-1]["lr"] == pytest.approx(1e-5)
+    # planned from --epochs: 2 + resume to 4 equals 4 straight, bit for bit
+    straight, half = tmp_path / "s.nil", tmp_path / "h.nil"
+    assert cli([xyz, "--out", straight, "--epochs", 4, "--schedule", "run", *COMMON]) == 0
+    assert cli([xyz, "--out", half, "--epochs", 2, "--schedule", "run", *COMMON]) == 0
+    a = load(Path(str(straight) + ".state"), with_extra=True)
+    b = load(Path(str(half) + ".state"), with_extra=True)
+    assert b[2]["training"]["planned_steps"] == b[2]["training"]["step"]
+    # a resumed run keeps its plan: the curve of a 2-epoch run does not become a 4-epoch one
+    assert cli([xyz, "--out", half, "--epochs", 4, "--schedule", "run", "--resume",
+                *COMMON]) == 0
+    c = load(Path(str(half) + ".state"), with_extra=True)
+    assert c[2]["training"]["planned_steps"] == b[2]["training"]["planned_steps"]
+    assert [h["lr"] for h in c[2]["training"]["history"][2:]] == [1e-5, 1e-5]
+    assert not _params_equal(a[1], c[1])

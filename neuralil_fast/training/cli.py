@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="configurations held out for validation (default: 10%%, at least 1)")
     p.add_argument("--outliers", type=int, nargs="*", default=[],
                    help="dataset indices reported separately (metrics with and without them)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int,
+                   help="epochs to train (default 100, or unlimited with --max-minutes)")
     p.add_argument("--max-minutes", type=float, help="stop after the epoch that exceeds this")
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement")
     p.add_argument("--batch-size", type=int, default=8)
@@ -54,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-peak", type=float, default=1e-2)
     p.add_argument("--lr-end", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", default="epoch", choices=("epoch", "run"),
+                   help="one-cycle LR per epoch (the article) or over the whole run, planned "
+                   "from --epochs or from what fits in --max-minutes (better in a budget)")
+    p.add_argument("--warmup-epochs", type=int, default=5,
+                   help="--schedule run: epochs of linear warm-up to --lr-peak")
     p.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "numba", "triton"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -114,8 +120,12 @@ def run(args) -> int:
     out = Path(args.out)
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".state")
     # ---------------------------------------------------------------- options
-    if args.epochs < 0:
+    if args.epochs is None and args.max_minutes is None:
+        args.epochs = 100
+    if args.epochs is not None and args.epochs < 0:
         _fail("--epochs must be >= 0")
+    if args.warmup_epochs < 0:
+        _fail("--warmup-epochs must be >= 0")
     if args.batch_size < 1 or args.committee < 1:
         _fail("--batch-size and --committee must be >= 1")
     if args.resume and not state_path.is_file():
@@ -185,7 +195,8 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                           committee=args.committee, seed=args.seed, data_seed=args.split_seed,
                           lr_start=args.lr_start, lr_peak=args.lr_peak, lr_end=args.lr_end,
-                          weight_decay=args.weight_decay, patience=args.patience,
+                          weight_decay=args.weight_decay, schedule=args.schedule,
+                          warmup_epochs=args.warmup_epochs, patience=args.patience,
                           max_minutes=args.max_minutes, backend=backend, loss=loss)
     except ValueError as err:
         _fail(str(err))
@@ -227,6 +238,8 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
 
     def on_epoch(st, entry):
         v = entry["valid"].get("all", {})
+        if st.planned_steps and bar.total != st.planned_steps // trainer.steps_per_epoch:
+            bar.total = st.planned_steps // trainer.steps_per_epoch  # the planned run
         bar.update(1)
         bar.set_postfix(loss=f"{entry['train_loss']:.4g}",
                         F=f"{v.get('force_mae_mev_A', math.nan):.1f}meV/Å",
@@ -244,6 +257,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     final_metrics = trainer.validate(final)
     log["epochs"] = state.history
     log["final"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
+                    "planned_steps": state.planned_steps,
                     "valid": final_metrics, "wall_time_s": state.elapsed}
     if args.log:
         _write_json(args.log, log)
