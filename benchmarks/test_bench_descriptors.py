@@ -68,6 +68,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import print_uncaptured
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
 STRUCTURE = SHARED / "EAN_md_initial.gro"
@@ -324,7 +325,6 @@ def _summary(request):
     yield
     if not _RESULTS:
         return
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
     lines = []
     write = lines.append
     write("")
@@ -358,8 +358,4 @@ def _summary(request):
         for n, r in flops:
             write(f"  N={n:>6}: {r['gflops']:.2f} GFLOP/s = {100 * r['frac_f32_peak']:.1f}% "
                   f"of peak ({r['numba_threads']} numba thread(s))")
-    if capman is not None:
-        with capman.global_and_fixture_disabled():
-            print("\n".join(lines), flush=True)
-    else:
-        print("\n".join(lines))
+    print_uncaptured(request, lines)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import print_uncaptured
 
 from neuralil_fast.kernels.cpu import neighbors as nbm
 
@@ -83,7 +84,6 @@ def _summary(request):
     yield
     if not _RESULTS:
         return
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
     lines = []
     write = lines.append
     write("")
@@ -107,12 +107,7 @@ def _summary(request):
                      if row["numba"] and row["vesin"] else float("nan"))
             mem = row["numba"]["bytes_per_atom"] if row["numba"] else float("nan")
             write(f"{n:>8} {rc:>5} {ppa:>10.1f} {cells} {ratio:>11.2f} {mem:>12.0f}")
-    # module teardown output is captured unless capturing is suspended
-    if capman is not None:
-        with capman.global_and_fixture_disabled():
-            print("\n".join(lines), flush=True)
-    else:
-        print("\n".join(lines))
+    print_uncaptured(request, lines)
 
 
 @pytest.mark.parametrize("r_cut", R_CUTS, ids=lambda r: f"rc{r}")
