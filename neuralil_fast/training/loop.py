@@ -19,8 +19,8 @@ Learning rate (computed on the host from the step count, fed to the jitted step)
 - ``schedule="run"``: one cycle over the whole run: linear warm-up lr_start ->
   lr_peak over ``warmup_epochs``, then cosine decay to lr_end at the planned
   last step.  The plan is ``epochs`` epochs, or, with a time budget
-  (``max_minutes``), what fits in it: estimated from the duration of epochs 2-3
-  and stored in the state, so a resumed run follows the same curve.  With few
+  (``max_minutes``), what fits in it: estimated from the recent epoch times and
+  re-planned after every epoch, stored in the state (a resumed run keeps it).  With few
   steps per epoch (48 configurations in batches of 8 = 6 steps) the per-epoch
   cycle never anneals; the run cycle does, and trains far better in a budget.
 """
@@ -377,6 +377,9 @@ class Trainer:
         last = math.inf if cfg.epochs is None else cfg.epochs
         if cfg.schedule == "run" and state.planned_steps is None and cfg.max_minutes is None:
             state.planned_steps = cfg.epochs * self.steps_per_epoch
+        # a budget run plans (and keeps re-planning) its cycle; a resumed one keeps the plan
+        budget_plan = cfg.schedule == "run" and cfg.max_minutes is not None and \
+            state.planned_steps is None
         epoch_times = []
         while state.epoch < last:
             t0 = time.perf_counter()
@@ -385,11 +388,14 @@ class Trainer:
             dt = time.perf_counter() - t0
             state.elapsed += dt
             epoch_times.append(dt)
-            if cfg.schedule == "run" and state.planned_steps is None and len(epoch_times) == 3:
-                # the first epoch of a process includes compilation: time epochs 2-3
+            if budget_plan and len(epoch_times) >= 3:
+                # Re-planned after every epoch from the recent epoch times (the first epoch
+                # of a process includes compilation), so a machine that slows down or
+                # speeds up still ends the cycle, at lr_end, inside the budget.
                 left = 60.0 * cfg.max_minutes - (time.perf_counter() - t_start)
-                fits = state.epoch + int(0.97 * left / (0.5 * sum(epoch_times[1:])))
-                state.planned_steps = min(last, fits) * self.steps_per_epoch
+                recent = epoch_times[1:][-50:]
+                fits = state.epoch + int(0.98 * max(0.0, left) * len(recent) / sum(recent))
+                state.planned_steps = max(state.step, min(last, fits) * self.steps_per_epoch)
             metric = self.selection_metric(valid) if valid else -float(state.epoch)
             improved = metric < state.best_metric
             if improved:
