@@ -227,7 +227,10 @@ def test_training_decreases_validation_error(configs):
     trainer = Trainer(model, train, valid, cfg)
     state = trainer.init_state()
     before = trainer.validate(state.params)["all"]
-    state = trainer.fit(state)
+    written = []
+    state = trainer.fit(state, on_checkpoint=lambda st: written.append(st.epoch),
+                        checkpoint_seconds=1e9)
+    assert written == [1, 30]  # throttled: after the first and the last epoch only
     after = trainer.validate(trainer.final_params(state))["all"]
     assert after["force_mae_mev_A"] < 0.7 * before["force_mae_mev_A"], (before, after)
     assert len(state.history) == 30
@@ -304,7 +307,8 @@ def test_kill_during_checkpoint_then_resume_is_bitwise(tmp_path, xyz):
     script = tmp_path / "crash.py"
     script.write_text(CRASHER)
     proc = subprocess.run([sys.executable, str(script), "3", str(xyz), "--out", str(crashed),
-                           "--epochs", str(epochs), "--committee", "2", *COMMON],
+                           "--epochs", str(epochs), "--committee", "2",
+                           "--checkpoint-seconds", "0", *COMMON],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state_path = Path(str(crashed) + ".state")

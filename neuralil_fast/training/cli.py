@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the training state file (--state) bit for bit")
     p.add_argument("--state", help="training state file (default: OUT.state)")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                   help="write the state, best model and log at most this often (and after "
+                   "the first and last epochs; 0: after every epoch)")
     p.add_argument("--log", help="JSON log of the run (per epoch metrics)")
     p.add_argument("--parity", help="parity plot PNG of the validation set (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -245,12 +248,19 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                         F=f"{v.get('force_mae_mev_A', math.nan):.1f}meV/Å",
                         E=f"{v.get('energy_mae_mev_atom', math.nan):.2f}meV/at",
                         t=f"{time.perf_counter() - t0:.0f}s")
-        if entry["best"]:
+
+    model_epoch = [None]
+
+    def on_checkpoint(st):
+        if st.best_epoch != model_epoch[0]:      # the best model so far, beside the state
             write_model(st.best_params)
+            model_epoch[0] = st.best_epoch
         if args.log:
             _write_json(args.log, log)
 
-    state = trainer.fit(state, state_path=state_path, on_epoch=on_epoch)
+    state = trainer.fit(state, state_path=state_path, on_epoch=on_epoch,
+                        on_checkpoint=on_checkpoint,
+                        checkpoint_seconds=args.checkpoint_seconds)
     bar.close()
     final = trainer.final_params(state)
     write_model(final)

@@ -366,11 +366,15 @@ class Trainer:
         key = "force_mae_mev_A" if self.cfg.loss.uses_forces else "energy_mae_mev_atom"
         return float(m.get(key, math.nan))
 
-    def fit(self, state: TrainState, state_path=None, on_epoch=None) -> TrainState:
+    def fit(self, state: TrainState, state_path=None, on_epoch=None, on_checkpoint=None,
+            checkpoint_seconds: float = 0.0) -> TrainState:
         """Train until cfg.epochs, the patience or the time budget runs out.
 
-        Writes ``state_path`` (atomic) after every epoch; ``on_epoch(state, entry)`` is
-        called with the history entry of each epoch.
+        ``on_epoch(state, entry)`` is called with the history entry of each epoch.
+        ``state_path`` is written (atomic) after the first epoch, then whenever
+        ``checkpoint_seconds`` have passed since the last write, and after the last
+        epoch; ``on_checkpoint(state)`` follows each write.  (Writing the whole history
+        after every one of thousands of 0.2 s epochs would cost more than the training.)
         """
         t_start = time.perf_counter()
         cfg = self.cfg
@@ -380,14 +384,47 @@ class Trainer:
         # a budget run plans (and keeps re-planning) its cycle; a resumed one keeps the plan
         budget_plan = cfg.schedule == "run" and cfg.max_minutes is not None and \
             state.planned_steps is None
-        epoch_times = []
+        epoch_times = []                 # wall time per epoch, checkpoints included
+        last_write, written = -math.inf, True
+
+        def checkpoint():
+            nonlocal last_write, written
+            if state_path is not None:
+                self.save_state(state_path, state)
+            if on_checkpoint is not None:
+                on_checkpoint(state)
+            last_write, written = time.perf_counter(), True
+
+        t_mark = time.perf_counter()
         while state.epoch < last:
-            t0 = time.perf_counter()
             loss = self.run_epoch(state)
             valid = self.validate(state.params)
-            dt = time.perf_counter() - t0
+            metric = self.selection_metric(valid) if valid else -float(state.epoch)
+            improved = metric < state.best_metric
+            if improved:
+                state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
+                state.best_params = jax.tree.map(jnp.copy, state.params)
+            else:
+                state.bad_epochs += 1
+            # this epoch's wall time: training, validation, and the previous epoch's
+            # callbacks and checkpoint
+            dt, t_mark = time.perf_counter() - t_mark, time.perf_counter()
             state.elapsed += dt
             epoch_times.append(dt)
+            entry = {"epoch": state.epoch, "step": state.step, "wall_time_s": state.elapsed,
+                     "epoch_time_s": dt, "train_loss": loss,
+                     "valid": valid, "best": improved,
+                     "lr": learning_rate(cfg, state.step - 1, self.steps_per_epoch,
+                                         state.planned_steps)}
+            state.history.append(entry)
+            written = False
+            stop = (cfg.patience is not None and state.bad_epochs >= cfg.patience) or \
+                state.epoch >= last or (cfg.max_minutes is not None and
+                                        time.perf_counter() - t_start >= 60.0 * cfg.max_minutes)
+            if stop or time.perf_counter() - last_write >= checkpoint_seconds:
+                checkpoint()
+            if on_epoch is not None:
+                on_epoch(state, entry)
             if budget_plan and len(epoch_times) >= 3:
                 # Re-planned after every epoch from the recent epoch times (the first epoch
                 # of a process includes compilation), so a machine that slows down or
@@ -396,27 +433,10 @@ class Trainer:
                 recent = epoch_times[1:][-50:]
                 fits = state.epoch + int(0.98 * max(0.0, left) * len(recent) / sum(recent))
                 state.planned_steps = max(state.step, min(last, fits) * self.steps_per_epoch)
-            metric = self.selection_metric(valid) if valid else -float(state.epoch)
-            improved = metric < state.best_metric
-            if improved:
-                state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
-                state.best_params = jax.tree.map(jnp.copy, state.params)
-            else:
-                state.bad_epochs += 1
-            entry = {"epoch": state.epoch, "step": state.step, "wall_time_s": state.elapsed,
-                     "epoch_time_s": dt, "train_loss": loss, "valid": valid, "best": improved,
-                     "lr": learning_rate(cfg, state.step - 1, self.steps_per_epoch,
-                                         state.planned_steps)}
-            state.history.append(entry)
-            if state_path is not None:
-                self.save_state(state_path, state)
-            if on_epoch is not None:
-                on_epoch(state, entry)
-            if cfg.patience is not None and state.bad_epochs >= cfg.patience:
+            if stop:
                 break
-            if cfg.max_minutes is not None and \
-                    time.perf_counter() - t_start >= 60.0 * cfg.max_minutes:
-                break
+        if not written:
+            checkpoint()
         return state
 
     def final_params(self, state: TrainState):
