@@ -50,13 +50,15 @@ def test_training_step(benchmark, ean_batch, backend, committee):
         state = trainer.init_state()
         idx = jnp.arange(8, dtype=jnp.int32)
         w = jnp.ones(8, jnp.float32)
-        params, opt = trainer._step(state.params, state.opt_state, trainer.train, idx, w)[:2]
+        lr = jnp.asarray(1e-3, jnp.float32)
+        params, opt = trainer._step(state.params, state.opt_state, trainer.train, idx, w,
+                                    lr)[:2]
     except NotImplementedError as err:
         pytest.skip(f"backend {backend!r} is not wired yet: {err}")
     jax.block_until_ready(params)
 
     def step():
-        out = trainer._step(params, opt, trainer.train, idx, w)
+        out = trainer._step(params, opt, trainer.train, idx, w, lr)
         jax.block_until_ready(out)
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
