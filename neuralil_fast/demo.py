@@ -35,12 +35,12 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ase.io import read
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
     from ase import units
 
     from .calculator import Calculator
     from .cli import main as cli_main
+    from .md import thermalize
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def run(args) -> int:
 
     atoms = read(data, index=0)
     atoms.calc = Calculator(str(model_path), backend=args.backend)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(args.seed))
+    thermalize(atoms, 300.0, np.random.default_rng(args.seed))
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     energies = []
     dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=10)

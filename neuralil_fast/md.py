@@ -18,7 +18,18 @@ import time
 
 import numpy as np
 
-__all__ = ["add_arguments", "run", "run_md"]
+__all__ = ["add_arguments", "run", "run_md", "thermalize"]
+
+
+def thermalize(atoms, temperature_K: float, rng) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature_K`` (ASE >= 3.29 renamed the function;
+    both names draw the same numbers)."""
+    from ase.md import velocitydistribution as vd
+
+    if hasattr(vd, "thermalize_momenta"):
+        vd.thermalize_momenta(atoms, temperature_K, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
 
 
 def add_arguments(parser) -> None:
@@ -127,8 +138,7 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
     out = sys.stdout if out is None else out
     rng = np.random.default_rng(seed)
     if temperature is not None:
-        thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-        thermalize(atoms, temperature_K=temperature, rng=rng)
+        thermalize(atoms, temperature, rng)
         vd.Stationary(atoms)
     atoms.calc = calc
     dt = dt_fs * units.fs

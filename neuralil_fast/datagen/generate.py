@@ -124,6 +124,8 @@ def run_chain(cfg: GeneratorConfig, chain: int, rng: np.random.Generator,
     from ase.md import velocitydistribution as vd
     from ase.optimize import FIRE
 
+    from ..md import thermalize
+
     xlabel.set_threads(cfg.threads)
     tick = progress or (lambda n: None)
     target = cfg.chain_targets()[chain]
@@ -148,10 +150,7 @@ def run_chain(cfg: GeneratorConfig, chain: int, rng: np.random.Generator,
     if cfg.relax_steps > 0:
         FIRE(atoms, logfile=None).run(fmax=cfg.relax_fmax, steps=cfg.relax_steps)
 
-    if hasattr(vd, "thermalize_momenta"):  # ase >= 3.29; same draws as the old name
-        vd.thermalize_momenta(atoms, temperature, rng=rng)
-    else:
-        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize(atoms, temperature, rng)
     vd.Stationary(atoms)
     dyn = Langevin(atoms, timestep=cfg.timestep_fs * units.fs, temperature_K=temperature,
                    friction=cfg.friction_per_fs / units.fs, rng=rng,
