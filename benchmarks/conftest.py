@@ -1,6 +1,8 @@
 """Shared by the benchmark modules."""
 from __future__ import annotations
 
+import pytest
+
 
 def print_uncaptured(request, lines) -> None:
     """Print a summary at module teardown, where pytest would otherwise capture it."""
@@ -10,3 +12,15 @@ def print_uncaptured(request, lines) -> None:
             print("\n".join(lines), flush=True)
     else:
         print("\n".join(lines))
+
+
+def module_summary(results: dict, lines):
+    """An autouse module fixture printing ``lines()`` (a list of str) after the module's
+    benchmarks, when ``results`` holds any."""
+    @pytest.fixture(scope="module", autouse=True)
+    def _summary(request):
+        yield
+        if results:
+            print_uncaptured(request, [""] + lines())
+
+    return _summary

@@ -68,7 +68,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import print_uncaptured
+from conftest import module_summary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
 STRUCTURE = SHARED / "EAN_md_initial.gro"
@@ -320,14 +320,9 @@ IMPLS = [("desc", "numba"), ("desc", "reference"), ("ef", "numba"), ("ef", "refe
 HEADERS = ["desc numba", "desc ref", "E+F numba", "E+F ref", "DS analyt", "DS numer"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    if not _RESULTS:
-        return
+def _summary_lines():
     lines = []
     write = lines.append
-    write("")
     write("min time per atom (µs/atom), float32 (DScribe float64); desc = descriptors + VJP "
           "to positions, E+F = energy + forces; DS analyt = DScribe analytical (periodic=False), "
           "DS numer = DScribe numerical (periodic=True)")
@@ -358,4 +353,7 @@ def _summary(request):
         for n, r in flops:
             write(f"  N={n:>6}: {r['gflops']:.2f} GFLOP/s = {100 * r['frac_f32_peak']:.1f}% "
                   f"of peak ({r['numba_threads']} numba thread(s))")
-    print_uncaptured(request, lines)
+    return lines
+
+
+_summary = module_summary(_RESULTS, _summary_lines)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import print_uncaptured
+from conftest import module_summary
 
 from neuralil_fast.kernels.cpu import neighbors as nbm
 
@@ -79,14 +79,9 @@ def _runner(lib, positions, cell, r_cut):
     raise ValueError(lib)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    if not _RESULTS:
-        return
+def _summary_lines():
     lines = []
     write = lines.append
-    write("")
     write("neighbour-list build, min time per atom (ns/atom); "
           "numba memory = peak bytes/atom (output + bins)")
     hdr = (f"{'N':>8} {'r_cut':>5} {'pairs/atom':>10} " +
@@ -107,7 +102,10 @@ def _summary(request):
                      if row["numba"] and row["vesin"] else float("nan"))
             mem = row["numba"]["bytes_per_atom"] if row["numba"] else float("nan")
             write(f"{n:>8} {rc:>5} {ppa:>10.1f} {cells} {ratio:>11.2f} {mem:>12.0f}")
-    print_uncaptured(request, lines)
+    return lines
+
+
+_summary = module_summary(_RESULTS, _summary_lines)
 
 
 @pytest.mark.parametrize("r_cut", R_CUTS, ids=lambda r: f"rc{r}")
