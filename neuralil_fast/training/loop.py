@@ -106,7 +106,7 @@ class TrainState:
     best_metric: float
     best_epoch: int
     bad_epochs: int
-    elapsed: float                # training seconds over all runs
+    elapsed: float                # wall seconds of the epochs (checkpoints included), all runs
     history: list
     planned_steps: int | None = None   # schedule "run": the step where the LR reaches lr_end
 
