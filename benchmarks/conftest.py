@@ -1,7 +1,23 @@
 """Shared by the benchmark modules."""
 from __future__ import annotations
 
+import time
+
 import pytest
+
+
+def timed_pedantic(benchmark, fn, rounds, warmup_rounds):
+    """``benchmark.pedantic`` of ``fn`` with one call per round: (last result, min seconds)."""
+    times = []
+
+    def timed():
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    return out, min(times)
 
 
 def print_uncaptured(request, lines) -> None:

@@ -62,13 +62,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import module_summary
+from conftest import module_summary, timed_pedantic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
 STRUCTURE = SHARED / "EAN_md_initial.gro"
@@ -161,19 +160,6 @@ def _descriptors_fwd_bwd(spec, positions, cell, centers, neighbors, shifts, spec
     return X, vjp(X_bar)[0]
 
 
-def _timed_pedantic(benchmark, fn, rounds, warmup_rounds):
-    times = []
-
-    def timed():
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        return out
-
-    out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
-    return out, min(times)
-
-
 def _record(benchmark, key, n_atoms, best, **extra):
     info = {"atoms": n_atoms, "us_per_atom": best * 1e6 / n_atoms, "min_s": best, **extra}
     benchmark.extra_info.update(info)
@@ -218,7 +204,7 @@ def test_descriptors_fwd_bwd(benchmark, backend, rep):
 
     run()  # compile
     benchmark.group = f"descriptors fwd+bwd N={n:>6}"
-    (X, g), best = _timed_pedantic(benchmark, run, ROUNDS[rep], warmup_rounds=1)
+    (X, g), best = timed_pedantic(benchmark, run, ROUNDS[rep], warmup_rounds=1)
     assert X.shape == (n, spec.n_features) and bool(jnp.all(jnp.isfinite(g)))
     extra = {"pairs": inp["n_pairs"], "backend": backend, "dtype": "float32"}
     if backend == "numba":
@@ -253,7 +239,7 @@ def test_energy_forces(benchmark, ean_model, backend, rep):
 
     run()  # compile
     benchmark.group = f"energy+forces N={n:>6}"
-    out, best = _timed_pedantic(benchmark, run, ROUNDS[rep], warmup_rounds=1)
+    out, best = timed_pedantic(benchmark, run, ROUNDS[rep], warmup_rounds=1)
     assert out["forces"].shape == (n, 3) and np.isfinite(float(out["energy"]))
     _record(benchmark, ("ef", backend, n), n, best, pairs=inp["n_pairs"], backend=backend,
             dtype="float32")
@@ -308,7 +294,7 @@ def test_dscribe_soap(benchmark, method, rep):
     benchmark.group = f"dscribe N={n:>6}"
     # the first call pays page faults on the GB-sized zeroed arrays: warm up when cheap
     rounds, warmup = (1, 0) if est > 10 else (3, 1)
-    (d, c), best = _timed_pedantic(benchmark, run, rounds, warmup_rounds=warmup)
+    (d, c), best = timed_pedantic(benchmark, run, rounds, warmup_rounds=warmup)
     assert d.shape == (n, n, 3, soap.get_number_of_features()) and c.shape[0] == n
     del d, c
     _record(benchmark, ("dscribe", method, n), n, best, periodic=periodic, dtype="float64",

@@ -14,11 +14,10 @@ sorted copies).
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
-from conftest import module_summary
+from conftest import module_summary, timed_pedantic
 
 from neuralil_fast.kernels.cpu import neighbors as nbm
 
@@ -121,19 +120,10 @@ def test_neighbor_build(benchmark, lib, n, r_cut):
     if lib == "numba":
         nbm.neighbor_pairs_numba(positions[:64], cell, True, r_cut)  # JIT
     rounds = 1 if (lib == "ase" and n >= 10**5) else ROUNDS[n]
-    times = []
-
-    def timed():
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        return out
-
-    out = benchmark.pedantic(timed, rounds=rounds, iterations=1,
-                             warmup_rounds=1 if n <= 10**4 else 0)
+    out, best = timed_pedantic(benchmark, fn, rounds, warmup_rounds=1 if n <= 10**4 else 0)
     pairs = len(out[0])
     del out
-    info = {"pairs": pairs, "ns_per_atom": min(times) * 1e9 / n}
+    info = {"pairs": pairs, "ns_per_atom": best * 1e9 / n}
     if lib == "numba":
         info["bytes_per_atom"] = _numba_memory(
             positions, cell, np.array([True] * 3), r_cut) / n

@@ -285,6 +285,21 @@ def test_skin_logic(x64):
     assert_same_pairs(valid_rows(nl3), naive_pairs(positions, cell3, pbc, r_cut + skin))
 
 
+def compressing(steps: int):
+    """A jitted (nl, x, c) -> (nl, x, c): ``steps`` updates, each after scaling x and c
+    by 0.98, inside one lax.fori_loop."""
+    @jax.jit
+    def compress(nl, x, c):
+        def body(_, state):
+            nl, x, c = state
+            x, c = 0.98 * x, 0.98 * c
+            return update(nl, x, c), x, c
+
+        return jax.lax.fori_loop(0, steps, body, (nl, x, c))
+
+    return compress
+
+
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_overflow_compression_and_reallocate(x64, backend):
     """Compress inside a jitted fori_loop: the flag rises, the host reallocates, and the
@@ -295,15 +310,7 @@ def test_overflow_compression_and_reallocate(x64, backend):
     nl = allocate(positions, cell, pbc, r_cut, skin, backend=backend)
     cap0 = nl.capacity
 
-    @jax.jit
-    def compress(nl, positions, cell):
-        def body(_, state):
-            nl, x, c = state
-            x, c = 0.98 * x, 0.98 * c
-            return update(nl, x, c), x, c
-
-        return jax.lax.fori_loop(0, 5, body, (nl, positions, cell))
-
+    compress = compressing(5)
     x, c = jnp.asarray(positions), jnp.asarray(cell)
     overflows = 0
     for chunk in range(5):
@@ -335,15 +342,7 @@ def test_overflow_when_image_grid_too_small(x64):
     nl = allocate(positions, cell, pbc, r_cut, skin, backend="reference", capacity=20000)
     assert nl.max_images[0] >= 2
 
-    @jax.jit
-    def compress(nl, x, c):
-        def body(_, state):
-            nl, x, c = state
-            x, c = 0.98 * x, 0.98 * c
-            return update(nl, x, c), x, c
-
-        return jax.lax.fori_loop(0, 50, body, (nl, x, c))
-
+    compress = compressing(50)
     nl1, x, c = compress(nl, jnp.asarray(positions), jnp.asarray(cell))
     xf, cf = np.asarray(x), np.asarray(c)
     ref = naive_pairs(xf, cf, pbc, r_cut)
