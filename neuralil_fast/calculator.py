@@ -6,6 +6,8 @@ inside a scoped ``jax.enable_x64``).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from ase.calculators.calculator import all_changes
 from .backends import resolve_backend
 from .geometry import as_system, species_indices
 from .neighbors import allocate, reallocate, update
-from .potential import evaluate_jit
+from .potential import block_pairs_needed, evaluate_jit
 
 _update_jit = jax.jit(update)
 
@@ -34,13 +36,16 @@ class Calculator(_AseCalculator):
     the members' mean energy, energies, forces and stress, plus "energy_uncertainty"
     (eV, standard deviation over members) and "forces_uncertainty" ((N,) eV/Å,
     sqrt(mean_k |F_k - F_mean|^2)).
+    block_atoms: systems larger than this are evaluated this many centres at a time, so
+    that memory beyond the neighbour list does not grow with N (None: all at once).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
                               "energy_uncertainty", "forces_uncertainty"]
 
     def __init__(self, model, params=None, backend: str = "auto", skin: float = 0.5,
-                 dtype: str = "float64", committee: bool = False, **kwargs):
+                 dtype: str = "float64", committee: bool = False,
+                 block_atoms: int | None = 16384, **kwargs):
         super().__init__(**kwargs)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from .committee import load_any
@@ -61,6 +66,10 @@ class Calculator(_AseCalculator):
         self.skin = float(skin)
         self.dtype = dtype
         self.committee = bool(committee)
+        if block_atoms is not None and int(block_atoms) < 1:
+            raise ValueError(f"block_atoms must be >= 1 or None, got {block_atoms}")
+        self.block_atoms = None if block_atoms is None else int(block_atoms)
+        self._block_pairs = None
         self._nl = None
         self._key = None
 
@@ -77,6 +86,22 @@ class Calculator(_AseCalculator):
             nl = reallocate(nl, system.positions, system.cell)
         self._nl = nl
         return nl
+
+    def _evaluate(self, args, n_atoms, stress):
+        if self.block_atoms is None or n_atoms <= self.block_atoms:
+            return evaluate_jit(*args, backend=self.backend, stress=stress)
+        centers = args[5]
+        while True:
+            if self._block_pairs is None:
+                need = int(block_pairs_needed(centers, n_atoms, self.block_atoms))
+                # Room for the list's fluctuations between rebuilds, in steps of 4096
+                # slots so that a slightly larger window does not recompile.
+                self._block_pairs = int(math.ceil(need * 1.1 / 4096.0)) * 4096
+            out = evaluate_jit(*args, backend=self.backend, stress=stress,
+                               block_atoms=self.block_atoms, block_pairs=self._block_pairs)
+            if int(out.pop("max_block_pairs")) <= self._block_pairs:
+                return out
+            self._block_pairs = None  # a block outgrew its window: resize and redo
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -95,7 +120,7 @@ class Calculator(_AseCalculator):
                 out = summarize(committee_evaluate_jit(*args, backend=self.backend,
                                                        stress=periodic))
             else:
-                out = evaluate_jit(*args, backend=self.backend, stress=periodic)
+                out = self._evaluate(args, system.n_atoms, periodic)
             out = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
         self.results["energy"] = float(out["energy"])
         self.results["free_energy"] = float(out["energy"])

@@ -201,17 +201,22 @@ def _fill(nl: NeighborList, i, j, S, positions, cell) -> NeighborList:
     n = len(positions)
     cap = nl.capacity
     count = len(i)
-    order = np.argsort(i, kind="stable")
-    i, j, S = i[order][:cap], j[order][:cap], S[order][:cap]
-    pad = cap - len(i)
-    centers = np.concatenate([i, np.full(pad, n)]).astype(np.int32)
-    neighbors = np.concatenate([j, np.full(pad, n)]).astype(np.int32)
-    shifts = np.concatenate([S, np.zeros((pad, 3), int)]).astype(np.int32)
+    if count > 1 and np.any(i[1:] < i[:-1]):  # the kernels' pairs come centre-sorted already
+        order = np.argsort(i, kind="stable")
+        i, j, S = i[order], j[order], S[order]
+    k = min(count, cap)
+
+    def padded(a, fill):
+        # One host copy per array at a time: at 10^6 atoms each is tens of MB.
+        out = np.full((cap,) + a.shape[1:], fill, np.int32)
+        out[:k] = a[:k]
+        return jnp.asarray(out)
+
     return dataclasses.replace(
         nl,
-        centers=jnp.asarray(centers),
-        neighbors=jnp.asarray(neighbors),
-        shifts=jnp.asarray(shifts),
+        centers=padded(i, n),
+        neighbors=padded(j, n),
+        shifts=padded(S, 0),
         n_pairs=jnp.asarray(count, jnp.int32),
         did_overflow=jnp.asarray(count > cap),
     )

@@ -128,3 +128,53 @@ def test_nve_energy_conservation_ean(shared_dir):
     dyn.run(200)
     energies = np.array(energies) * 1000.0
     assert np.ptp(energies) < 1.0, f"total energy wandered by {np.ptp(energies):.3f} meV/atom"
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("block_atoms", [1, 7])
+def test_blocked_evaluation_equals_one_pass(backend, block_atoms, dtype, tol):
+    """Centres in blocks (a lax.scan over contiguous pair runs) give the one-pass result."""
+    from neuralil_fast.neighbors import allocate
+    from neuralil_fast.potential import block_pairs_needed, evaluate_jit
+
+    model, params = _model_and_params()
+    atoms = _small_atoms(n=24, box=6.0)  # 24 atoms: for 7 the last block is a partial one
+    nl = allocate(atoms.positions, atoms.cell.array, atoms.pbc, model.r_cut, 0.3,
+                  backend=backend)
+    species = jnp.asarray(nf.geometry.species_indices(atoms.numbers, model.species))
+    args = (model, params, jnp.asarray(atoms.positions, dtype),
+            jnp.asarray(atoms.cell.array, dtype), species, nl.centers, nl.neighbors, nl.shifts)
+    ref = evaluate_jit(*args, backend=backend, stress=True)
+    need = int(block_pairs_needed(nl.centers, len(atoms), block_atoms))
+    assert 0 < need < nl.capacity
+    out = evaluate_jit(*args, backend=backend, stress=True, block_atoms=block_atoms,
+                       block_pairs=need)
+    assert int(out.pop("max_block_pairs")) == need
+    for k in ("energy", "energies", "forces", "stress"):
+        scale = float(np.max(np.abs(ref[k])))
+        np.testing.assert_allclose(out[k], ref[k], rtol=0, atol=tol["rtol"] * 10 * scale + tol["atol"],
+                                   err_msg=k)
+    # A window one slot short is reported, never silently used.
+    short = evaluate_jit(*args, backend=backend, stress=True, block_atoms=block_atoms,
+                         block_pairs=need - 1)
+    assert int(short["max_block_pairs"]) > need - 1
+
+
+def test_calculator_blocks_large_systems_and_grows_its_window():
+    """The calculator's blocked path equals the one-pass path, also after the window grows."""
+    model, params = _model_and_params()
+    atoms = _small_atoms(n=24, box=6.0)
+    one = atoms.copy()
+    one.calc = nf.Calculator(model, params, backend="numba", block_atoms=None)
+    blocked = atoms.copy()
+    calc = nf.Calculator(model, params, backend="numba", block_atoms=5)
+    blocked.calc = calc
+    np.testing.assert_allclose(blocked.get_forces(), one.get_forces(), rtol=0, atol=1e-10)
+    calc._block_pairs = 8  # too small for any block of 5 centres: must be detected and grown
+    blocked.positions = blocked.positions + 1e-3
+    one.positions = one.positions + 1e-3
+    np.testing.assert_allclose(blocked.get_forces(), one.get_forces(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(blocked.get_stress(), one.get_stress(), rtol=0, atol=1e-12)
+    assert calc._block_pairs > 8
+    with pytest.raises(ValueError, match="block_atoms"):
+        nf.Calculator(model, params, block_atoms=0)
