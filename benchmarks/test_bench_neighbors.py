@@ -25,7 +25,7 @@ DENSITY = 0.1
 SIZES = [10**3, 10**4, 10**5, 10**6]
 R_CUTS = [3.5, 5.0]
 LIBS = ["numba", "vesin", "matscipy", "ase"]
-ROUNDS = {10**3: 20, 10**4: 10, 10**5: 3, 10**6: 2}
+ROUNDS = {10**3: 20, 10**4: 10, 10**5: 3, 10**6: 3}
 
 _RESULTS: dict[tuple, dict] = {}
 
