@@ -178,3 +178,21 @@ def test_calculator_blocks_large_systems_and_grows_its_window():
     assert calc._block_pairs > 8
     with pytest.raises(ValueError, match="block_atoms"):
         nf.Calculator(model, params, block_atoms=0)
+
+
+def test_blocked_calculator_open_cluster_with_isolated_atoms():
+    """Open boundaries, an atom with no neighbours, and blocks that hold no pair at all."""
+    from ase import Atoms
+
+    model, params = _model_and_params()
+    atoms = _small_atoms(n=12, box=6.0)
+    far = Atoms("HO", positions=[[40.0, 0.0, 0.0], [0.0, 40.0, 0.0]])  # no neighbours
+    cluster = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, pbc=False) + far
+    one = cluster.copy()
+    one.calc = nf.Calculator(model, params, backend="numba", block_atoms=None)
+    blocked = cluster.copy()
+    blocked.calc = nf.Calculator(model, params, backend="numba", block_atoms=1)
+    np.testing.assert_allclose(blocked.get_forces(), one.get_forces(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(blocked.get_potential_energies(), one.get_potential_energies(),
+                               rtol=0, atol=1e-10)
+    assert np.abs(one.get_forces()[-2:]).max() == 0.0
