@@ -24,6 +24,12 @@ _update_jit = jax.jit(update)
 __all__ = ["Calculator"]
 
 
+def _window(need: int) -> int:
+    """Pair slots per block for ``need``: room for the list's fluctuations between rebuilds,
+    in steps of 4096 slots so that a slightly larger window does not recompile."""
+    return int(math.ceil(need * 1.1 / 4096.0)) * 4096
+
+
 class Calculator(_AseCalculator):
     """NeuralIL potential for ASE.
 
@@ -90,18 +96,16 @@ class Calculator(_AseCalculator):
     def _evaluate(self, args, n_atoms, stress):
         if self.block_atoms is None or n_atoms <= self.block_atoms:
             return evaluate_jit(*args, backend=self.backend, stress=stress)
-        centers = args[5]
+        if self._block_pairs is None:
+            self._block_pairs = _window(int(block_pairs_needed(args[5], n_atoms,
+                                                               self.block_atoms)))
         while True:
-            if self._block_pairs is None:
-                need = int(block_pairs_needed(centers, n_atoms, self.block_atoms))
-                # Room for the list's fluctuations between rebuilds, in steps of 4096
-                # slots so that a slightly larger window does not recompile.
-                self._block_pairs = int(math.ceil(need * 1.1 / 4096.0)) * 4096
             out = evaluate_jit(*args, backend=self.backend, stress=stress,
                                block_atoms=self.block_atoms, block_pairs=self._block_pairs)
-            if int(out.pop("max_block_pairs")) <= self._block_pairs:
+            need = int(out.pop("max_block_pairs"))
+            if need <= self._block_pairs:
                 return out
-            self._block_pairs = None  # a block outgrew its window: resize and redo
+            self._block_pairs = _window(need)  # a block outgrew its window: resize and redo
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

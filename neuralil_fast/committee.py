@@ -20,6 +20,7 @@ import numpy as np
 from .descriptors import _pair_geometry, descriptors
 from .model import NeuralIL, morse_atomic_energies
 from .neighbors import pair_displacements
+from .potential import _deformation, _voigt_stress
 
 __all__ = ["committee_evaluate", "committee_evaluate_jit", "stack", "unstack", "member",
            "committee_size", "save_committee", "load_any", "summarize"]
@@ -65,7 +66,7 @@ def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, cent
     mask = jnp.ones((n_atoms,), dtype) if atom_mask is None else atom_mask.astype(dtype)
 
     def displacements(pos, strain):
-        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
+        deform = _deformation(strain)
         return pair_displacements(pos @ deform, cell @ deform, centers, neighbors, shifts)
 
     def desc(pos, strain):
@@ -92,8 +93,7 @@ def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, cent
         dpos, dstrain = desc_pullback(gX)
         out = {"energy": E, "energies": e, "forces": -(gpos + dpos)}
         if stress:
-            s = (gstrain + dstrain) / jnp.abs(jnp.linalg.det(cell))
-            out["stress"] = jnp.stack([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            out["stress"] = _voigt_stress(gstrain + dstrain, cell)
         return out
 
     return jax.vmap(one)(params_K)

@@ -152,8 +152,8 @@ def test_blocked_evaluation_equals_one_pass(backend, block_atoms, dtype, tol):
     assert int(out.pop("max_block_pairs")) == need
     for k in ("energy", "energies", "forces", "stress"):
         scale = float(np.max(np.abs(ref[k])))
-        np.testing.assert_allclose(out[k], ref[k], rtol=0, atol=tol["rtol"] * 10 * scale + tol["atol"],
-                                   err_msg=k)
+        np.testing.assert_allclose(out[k], ref[k], rtol=0,
+                                   atol=tol["rtol"] * 10 * scale + tol["atol"], err_msg=k)
     # A window one slot short is reported, never silently used.
     short = evaluate_jit(*args, backend=backend, stress=True, block_atoms=block_atoms,
                          block_pairs=need - 1)
