@@ -248,22 +248,31 @@ def test_random_systems(system):
 def test_tables_shapes_and_dtypes():
     for dtype in (np.float32, np.float64):
         t = K.make_tables(4, 3.5, 4, dtype)
-        assert len(t) == 8
-        assert t[0].dtype == dtype and t[5].dtype == dtype
+        assert len(t) == 9
+        assert t[0].dtype == dtype and t[5].dtype == dtype and t[8].dtype == dtype
         for a in t[1:5]:
             assert a.dtype == np.float64  # radial tables: always float64
         for a in t:
             assert a.flags.c_contiguous
         assert t[6].dtype == np.int32 and t[7].dtype == np.int32
         assert t[2].shape == (5, 6) and t[3].shape == (5, 5, 6) and t[5].shape == (5, 5, 3)
-        assert t[7].shape == (4, 4)
+        assert t[7].shape == (4, 4) and t[6].shape == (5, 5, 4)
+        # radial polynomials: float32 only; degrees from the compiled set, g' one above g at most
+        if dtype == np.float32:
+            deg = t[6][..., 2:][np.tril(np.ones((5, 5), bool))[::-1]]
+            assert t[8].shape == (15, 2, deg.max() + 1)
+            assert set(deg.ravel()) <= set(K._POLY_DEGREES)
+        else:
+            assert t[8].shape == (0, 2, 1)
     assert K.n_nlm_of(4) == 55
     assert K.n_features_of(K.make_tables(4, 3.5, 4)) == 150
     spec = DescriptorSpec(n_species=3, r_cut=3.0, n_max=3)
     nl_of, _ = spec.nlm_tables()
     assert K.n_nlm_of(3) == len(nl_of)
-    fl = K.flop_counts(4, 4)
-    assert set(fl) == {"forward", "vjp", "jvp"} and all(v[0] > 0 and v[1] > 0 for v in fl.values())
+    for degrees in (None, K.make_tables(4, 3.5, 4, np.float32)[6][..., 2:]):
+        fl = K.flop_counts(4, 4, degrees)
+        assert set(fl) == {"forward", "vjp", "jvp"}
+        assert all(v[0] > 0 and v[1] > 0 for v in fl.values())
 
 
 def test_block_boundaries():
@@ -300,15 +309,47 @@ def test_no_pairs_and_garbage_offsets():
 
 
 def test_high_order_generic_recurrence():
-    """n_max = 9: l = 8, 9 take the generic (non-specialised) Bessel recurrence."""
+    """n_max = 14: l >= 8 take the generic (non-specialised) Bessel recurrence, and float32
+    too takes the Bessel path (its radial polynomials would need a degree above 32)."""
     rng = np.random.default_rng(11)
-    spec = DescriptorSpec(n_species=2, r_cut=4.0, n_max=9)
+    spec = DescriptorSpec(n_species=2, r_cut=4.0, n_max=14)
+    assert K.make_tables(14, 4.0, 2, np.float32)[8].shape[0] == 0
     n_atoms = 3
     centers = np.repeat(np.arange(n_atoms), [5, 0, 7]).astype(np.int32)
     u = rng.normal(size=(len(centers), 3))
     d = u / np.linalg.norm(u, axis=1, keepdims=True) * rng.uniform(0.02, 3.99, (len(centers), 1))
     species = rng.integers(0, 2, len(centers)).astype(np.int32)
     check_all(spec, d, centers, species, n_atoms, {np.float64: 1e-10, np.float32: 1e-5})
+
+
+@pytest.mark.parametrize("n_max", [2, 4, 9])
+def test_float32_radial_relative_accuracy(n_max):
+    """One pair per centre, r from 1e-3 to r_cut - 0.01: each pair's float32 density
+    coefficients within 2e-5 of that pair's largest one, also near 0 and r_cut where all of
+    them vanish (the polynomial path keeps the factors r^l and (r_cut^2 - r^2)^3 exact).
+    At 0.01 Å from r_cut g_nl is ~1e-8 of its maximum: a float32 error of 1e-7 of the
+    maximum would fail here by orders of magnitude.  (Closer, the float64 reference itself
+    is no better than its rounded Bessel roots, ~1e-16 absolute.)"""
+    r_cut = 3.5
+    spec = DescriptorSpec(n_species=1, r_cut=r_cut, n_max=n_max)
+    tables = K.make_tables(n_max, r_cut, 1, np.float32)
+    assert tables[8].shape[0] == (n_max + 1) * (n_max + 2) // 2
+    rng = np.random.default_rng(n_max)
+    r = np.concatenate([np.geomspace(1e-3, 0.5, 40), np.linspace(0.5, 3.4, 60),
+                        r_cut - np.geomspace(1e-1, 1e-2, 40)])
+    u = rng.normal(size=(len(r), 3))
+    d = (u / np.linalg.norm(u, axis=1, keepdims=True) * r[:, None]).astype(np.float32)
+    n = len(r)
+    centers = np.arange(n, dtype=np.int32)
+    species = np.zeros(n, np.int32)
+    _, A = run_forward(d, K.offsets_from_centers(centers, n), species, tables)
+    with jax.enable_x64(True):
+        Ar = np.asarray(density_coefficients(spec, jnp.asarray(d, jnp.float64),
+                                             jnp.asarray(centers), jnp.asarray(species), n))
+    scale = np.max(np.abs(Ar), axis=(1, 2), keepdims=True)
+    assert np.all(scale > 0)
+    err = np.abs(A.astype(np.float64) - Ar) / scale
+    assert err.max() < 2e-5, (err.max(), r[np.argmax(err.max(axis=(1, 2)))])
 
 
 def test_empty_inputs():

@@ -12,7 +12,7 @@ Inputs shared by all kernels (the pair layout of ``neuralil_fast.neighbors``):
                                     see :func:`offsets_from_centers`
     neighbor_species (P,) int32     species index of j, 0..S-1
 
-followed by the 8 tables of :func:`make_tables` (``*tables``), then the kernel's
+followed by the 9 tables of :func:`make_tables` (``*tables``), then the kernel's
 own inputs, then its outputs:
 
     descriptors_fwd(displacements, offsets, neighbor_species, *tables,
@@ -154,9 +154,15 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
                                     (the reference's, basis._series_threshold)
     5 ylm        (L, L, 3) dtype    [norm_lm (x sqrt 2 for m > 0), (2l-1)/(l-m), (l+m-1)/(l-m)]:
                                     Y normalisation and Q_l^m = a z Q_{l-1}^m - b Q_{l-2}^m
-    6 nl_index   (L, n_max+1, 2) int32  [column of (n,l) on the nl axis, start of its m run
-                                    on the nlm axis]
+    6 nl_index   (L, n_max+1, 4) int32  [column of (n,l) on the nl axis, start of its m run
+                                    on the nlm axis, degree of its g and g' polynomials (8)]
     7 pair_index (S, S) int32       species block of (min(a,b), max(a,b)) in the features
+    8 poly       (n_nl, 2, D+1) dtype  float32 only (shape (0, 2, 1) otherwise, or when the
+                                    degree would exceed 32): Chebyshev coefficients in
+                                    t = 2 r^2 / r_cut^2 - 1 of H and K with
+                                    g_nl(r) = r^l (r_cut^2 - r^2)^3 H_nl(t),
+                                    g_nl'(r) = r^(l-1) (r_cut^2 - r^2)^2 K_nl(t), r^1 for l = 0
+                                    (see _radial_polynomials)
 
     Computed in float64 from ``neuralil_fast.basis.radial_basis``; ``dtype`` (float32 or
     float64) must be the displacements' dtype.
@@ -209,14 +215,20 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
             if l >= m + 2:
                 ylm[l, m, 1] = (2 * l - 1) / (l - m)
                 ylm[l, m, 2] = (l + m - 1) / (l - m)
-    nl_index = np.zeros((L, n_max + 1, 2), np.int32)
+    nl_index = np.zeros((L, n_max + 1, 4), np.int32)
     c = 0
     off = 0
     for l in range(L):
         for n in range(n_max - l + 1):
-            nl_index[l, n] = (c, off)
+            nl_index[l, n, :2] = (c, off)
             c += 1
             off += 2 * l + 1
+    poly = np.zeros((0, 2, 1))
+    if dtype == np.float32:
+        fit = _radial_polynomials(roots, W, rc, n_max)
+        if fit is not None:
+            poly, degrees = fit
+            nl_index[:, :, 2:] = degrees
     pair_index = np.zeros((n_species, n_species), np.int32)
     q = 0
     for a in range(n_species):
@@ -226,7 +238,85 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
     f = lambda x: np.ascontiguousarray(x, dtype=dtype)
     f64 = lambda x: np.ascontiguousarray(x, dtype=np.float64)
     return (f(consts), f64(rconsts), f64(roots), f64(W), f64(series), f(ylm), nl_index,
-            pair_index)
+            pair_index, f(poly))
+
+
+_POLY_DEGREES = tuple(range(4, 33, 2))  # compiled Clenshaw variants (see _cheb_any)
+_POLY_TOL = 2e-8  # fit error / max |g| (or max |g'|) on [0, r_cut]: below float32's ulp
+
+
+def _radial_polynomials(roots, W, r_cut: float, n_max: int):
+    """(poly (n_nl, 2, D+1), degrees (L, n_max+1, 2)) for the float32 radial functions, or None.
+
+    g_nl = sum_k W j_l(u_k r) has a triple zero at r_cut (f_nl = c1 j_l(u1 r) - c2 j_l(u2 r)
+    with j_l(u1 r_cut) = j_l(u2 r_cut) = 0 and f' = 0 by construction; Bessel's equation then
+    gives f'' = -2 f'/r = 0) and is r^l times an even entire function, so
+    g_nl = r^l q^3 H_nl(s) and g_nl' = r^(l-1) q^2 K_nl(s) (l >= 1; r q^2 K_0(s) for l = 0)
+    with s = r^2, q = r_cut^2 - s, H and K entire.  Fitted in float64 at Chebyshev nodes in
+    t = 2 s / r_cut^2 - 1, each to the lowest degree of _POLY_DEGREES whose error on a fine
+    grid of r is below _POLY_TOL of the function's maximum, weighted as the function
+    vanishes.  Why: a float32 evaluation of the Bessel sum cancels to absolute errors of
+    ~1e-7 of its O(1) terms near r_cut, where g vanishes; with all of the zero in the factor
+    (H(1) != 0; with only q^2, H(1) ~ 1e-8 max|H| and float32 coefficients lose it) the error
+    stays proportional to g (relative near r_cut) and to r^l (near 0), and costs ~3 flops per
+    degree instead of a sincos per Bessel argument.  None when some function would need a
+    degree above 32 (large n_max): the kernels then use the Bessel path.
+    """
+    from scipy.special import spherical_jn
+
+    cheb = np.polynomial.chebyshev
+    L = n_max + 1
+    rc2 = r_cut * r_cut
+    # up to 0.99 r_cut: closer, float64 g / q^3 is noise (H is smooth there, so the fit holds)
+    grid = np.linspace(0.0, 0.99 * r_cut, 4001)[1:]
+    coefs = {}
+    degrees = np.zeros((L, n_max + 1, 2), np.int32)
+    for l in range(L):
+        for n in range(n_max - l + 1):
+            ks = range(n + 2)
+
+            def fn(r, which):
+                if which == 0:
+                    return sum(W[l, n, k] * spherical_jn(l, roots[l, k] * r) for k in ks)
+                return sum(W[l, n, k] * roots[l, k] * spherical_jn(l, roots[l, k] * r, True)
+                           for k in ks)
+
+            def factor(r, which):
+                q = rc2 - r * r
+                return r**l * q**3 if which == 0 else r ** (l - 1 if l else 1) * q * q
+
+            for which in (0, 1):
+                exact = fn(grid, which)
+                # the error of H (K) times r^l rc^6 (r^(l-1) rc^4): that of g (g') where q is
+                # largest, and proportionally smaller near r_cut, where g -> 0
+                weight = factor(grid, which) / (rc2 - grid * grid) ** (3 - which) * rc2 ** (3 - which)
+                h = exact / factor(grid, which)
+                bound = _POLY_TOL * np.max(np.abs(exact))
+                for D in _POLY_DEGREES:
+                    m = 2 * D + 8
+                    t = np.cos(np.pi * (np.arange(m) + 0.5) / m)
+                    r = np.sqrt((t + 1.0) * (0.5 * rc2))
+                    # float64 g / q^3 at nodes near r_cut carries ~1e-16 / q^3 of noise (the
+                    # roots and c1/c2 are rounded): weight those nodes down to their accuracy
+                    w = np.minimum(1.0, ((rc2 - r * r) / (0.02 * rc2)) ** (3 - which))
+                    c = cheb.chebfit(t, fn(r, which) / factor(r, which), D, w=w)
+                    approx = cheb.chebval(grid * grid * (2.0 / rc2) - 1.0, c)
+                    if np.max(np.abs(approx - h) * weight) < bound:
+                        break
+                else:
+                    return None
+                coefs[l, n, which] = c
+                degrees[l, n, which] = D
+    n_nl = L * (L + 1) // 2
+    poly = np.zeros((n_nl, 2, int(degrees.max()) + 1))
+    col = 0
+    for l in range(L):
+        for n in range(n_max - l + 1):
+            for which in (0, 1):
+                c = coefs[l, n, which]
+                poly[col, which, : len(c)] = c
+            col += 1
+    return poly, degrees
 
 
 def offsets_from_centers(centers, n_atoms: int) -> np.ndarray:
@@ -234,11 +324,15 @@ def offsets_from_centers(centers, n_atoms: int) -> np.ndarray:
     return np.searchsorted(np.asarray(centers), np.arange(n_atoms + 1), side="left").astype(np.int32)
 
 
-def flop_counts(n_max: int = 4, n_species: int = 4) -> dict:
+def flop_counts(n_max: int = 4, n_species: int = 4, degrees=None) -> dict:
     """Analytic counts of the flops the kernels execute, {kernel: (per pair, per centre)}.
 
-    FMA = 2 flops; add, multiply, divide, sqrt, compare, select = 1.  For n_max = 4, S = 4:
-    forward 1122 / 1100, vjp 1664 / 2000, jvp 1596 / 2200 (per pair / per centre).
+    ``degrees``: None for the Bessel path (float64), or the polynomial degrees of the
+    float32 path, ``make_tables(...)[6][..., 2:]`` (L, n_max+1, 2).
+    FMA = 2 flops; add, multiply, divide, sqrt, compare, select = 1.  For n_max = 4, S = 4,
+    Bessel path: forward 1122 / 1100, vjp 1664 / 2000, jvp 1596 / 2200 (per pair / per
+    centre); float32 polynomial path (its degrees do not depend on r_cut): forward 772,
+    vjp 1799, jvp 1731 per pair.
     Every pair slot of a block is computed (padding slots of a chunk's last block included,
     not counted here); the rare series fix-up for small x is not counted.
 
@@ -250,6 +344,8 @@ def flop_counts(n_max: int = 4, n_species: int = 4) -> dict:
       l >= 1, per k: x = u r (1), sincos (39), 1/x, j_0, j_1 (4), l-1 recurrence steps (3 each),
         u j_l' = u (j_{l-1} - (l+1)/x j_l) (4)
       radial combination g = W j: 2 sum_l sum_n (n+2) - n_nl   (the same again for dg)
+      (polynomial path instead of the above: t, q: 4; scale factors 6 per l (5 for l = 0);
+       per function of degree D: 3 D + 2 (Clenshaw 3 per step, 2t, final scale))
       Y_lm: C_m, S_m (6 per m); Legendre Q: 4 per (l,m) with l >= m+2, 1 for l = m+1;
         Y: 1 per m = 0 entry, 3 per +-m pair; gradient (vjp, jvp): dQ 5 per (l,m) with
         l >= m+2, dY 1 per m = 0 entry, 9 per +-m pair
@@ -277,9 +373,17 @@ def flop_counts(n_max: int = 4, n_species: int = 4) -> dict:
     y = 6 * (L - 1) + qrec + L + 3 * n_pm
     dy = dqrec + L + 9 * n_pm
     geom = 14
-    fwd = geom + radial + wj + y + 2 * n_nlm
-    vjp = geom + radial + 2 * wj + y + dy + 5 * n_nlm + 6 * L * L + 17
-    jvp = geom + radial + 2 * wj + y + dy + 14 + 5 * L * L + n_nl + 4 * n_nlm
+    rad_g, rad_dg = radial + wj, radial + 2 * wj
+    if degrees is not None:
+        degrees = np.asarray(degrees)
+        base = 4 + 6 * L - 1
+        per = [(3 * int(degrees[l, n, w]) + 2) for l in range(L) for n in range(n_max - l + 1)
+               for w in (0, 1)]
+        rad_g = base + sum(per[0::2])
+        rad_dg = base + sum(per)
+    fwd = geom + rad_g + y + 2 * n_nlm
+    vjp = geom + rad_dg + y + dy + 5 * n_nlm + 6 * L * L + 17
+    jvp = geom + rad_dg + y + dy + 14 + 5 * L * L + n_nl + 4 * n_nlm
     return {
         "forward": (fwd, 2 * n_sp * n_nlm),
         "vjp": (vjp, 2 * n_species**2 * n_nlm + n_species**2 * n_nl),
@@ -562,6 +666,99 @@ def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, g
 
 
 @njit(**_JIT)
+def _cheb(D, x, cf, zero, scale, out, c):
+    """out[c, b] = scale[b] * sum_{k <= D} cf[k] T_k(x[b]) by Clenshaw's recurrence.
+
+    ``D`` is a literal (one compiled variant per degree): the recurrence is unrolled and
+    the loop over pairs is innermost, so it vectorises."""
+    D = literally(D)
+    nB = x.shape[0]
+    top = cf[D]
+    for b in range(nB):
+        t = x[b]
+        t2 = t + t
+        b1 = top
+        b2 = zero
+        for k in range(D - 1, 0, -1):
+            b0 = t2 * b1 - b2 + cf[k]
+            b2 = b1
+            b1 = b0
+        out[c, b] = (t * b1 - b2 + cf[0]) * scale[b]
+
+
+@njit(**_JIT)
+def _cheb_any(D, x, cf, zero, scale, out, c):
+    """_cheb for D in _POLY_DEGREES (the degrees make_tables assigns)."""
+    if D == 4:
+        _cheb(4, x, cf, zero, scale, out, c)
+    elif D == 6:
+        _cheb(6, x, cf, zero, scale, out, c)
+    elif D == 8:
+        _cheb(8, x, cf, zero, scale, out, c)
+    elif D == 10:
+        _cheb(10, x, cf, zero, scale, out, c)
+    elif D == 12:
+        _cheb(12, x, cf, zero, scale, out, c)
+    elif D == 14:
+        _cheb(14, x, cf, zero, scale, out, c)
+    elif D == 16:
+        _cheb(16, x, cf, zero, scale, out, c)
+    elif D == 18:
+        _cheb(18, x, cf, zero, scale, out, c)
+    elif D == 20:
+        _cheb(20, x, cf, zero, scale, out, c)
+    elif D == 22:
+        _cheb(22, x, cf, zero, scale, out, c)
+    elif D == 24:
+        _cheb(24, x, cf, zero, scale, out, c)
+    elif D == 26:
+        _cheb(26, x, cf, zero, scale, out, c)
+    elif D == 28:
+        _cheb(28, x, cf, zero, scale, out, c)
+    elif D == 30:
+        _cheb(30, x, cf, zero, scale, out, c)
+    else:
+        _cheb(32, x, cf, zero, scale, out, c)
+
+
+@njit(**_JIT)
+def _poly_block(r, rc, consts, poly, nl_index, deriv, rt, tt, qq, rl, sg, sd, g, dg):
+    """g[c, b] = g_nl(r_b) and (deriv) dg[c, b] = g_nl'(r_b) from the polynomials of
+    _radial_polynomials, in the input dtype (float32).  t and q are formed in float64 from
+    r (float64) and rounded once: float32 r^2 would cost r_cut^2 x 6e-8 in q near r_cut."""
+    L = nl_index.shape[0]
+    n_max = L - 1
+    nB = r.shape[0]
+    one = rc[_R_ONE]
+    rc2 = rc[_R_RCUT2]
+    a = (one + one) / rc2
+    zero = consts[_C_ZERO]
+    for b in range(nB):
+        rr = r[b]
+        s = rr * rr
+        rt[b] = rr
+        tt[b] = s * a - one
+        qq[b] = rc2 - s
+        rl[b] = consts[_C_ONE]
+    for l in range(L):
+        # rl = r^l; sg = r^l q^3; sd = r^(l-1) q^2 (r q^2 for l = 0)
+        if l > 0:
+            for b in range(nB):
+                sd[b] = rl[b] * (qq[b] * qq[b])
+                rl[b] = rl[b] * rt[b]
+        else:
+            for b in range(nB):
+                sd[b] = rt[b] * (qq[b] * qq[b])
+        for b in range(nB):
+            sg[b] = rl[b] * (qq[b] * qq[b] * qq[b])
+        for n in range(n_max - l + 1):
+            c = nl_index[l, n, 0]
+            _cheb_any(nl_index[l, n, 2], tt, poly[c, 0], zero, sg, g, c)
+            if deriv:
+                _cheb_any(nl_index[l, n, 3], tt, poly[c, 1], zero, sd, dg, c)
+
+
+@njit(**_JIT)
 def _ylm_block(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY):
     """Y[lm, b] = Y_lm(u_b) (index l*l+l+m) and (deriv) dY[0..2, lm, b] its gradient as a
     polynomial in (x, y, z) (the polynomial of basis.real_spherical_harmonics)."""
@@ -793,7 +990,7 @@ def _abar(A, X_bar, i, k, pair_index, n_nl, col, two, xq, Abar):
 
 @njit(parallel=True, **_JIT)
 def descriptors_fwd(displacements, offsets, neighbor_species,
-                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index, poly,
                     X, A):
     N = X.shape[0]
     P = displacements.shape[0]
@@ -806,6 +1003,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     zero = consts[_C_ZERO]
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
+    use_poly = poly.shape[0] == n_nl
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -822,6 +1020,12 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
         g0 = np.empty(_B, f8)
+        rt = np.empty(_B, dt)
+        tt = np.empty(_B, dt)
+        qq = np.empty(_B, dt)
+        rl = np.empty(_B, dt)
+        sg = np.empty(_B, dt)
+        sd = np.empty(_B, dt)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -847,8 +1051,12 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             nb = min(_B, p_hi - p0)
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, vx, vy, vz, irt, valid, spc, ctr)
-            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
-                          ja, jb, inv, g0, jv, djv, g, g)
+            if use_poly:
+                _poly_block(r, rconsts, consts, poly, nl_index, False, rt, tt, qq, rl, sg, sd,
+                            g, g)
+            else:
+                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
+                              ja, jb, inv, g0, jv, djv, g, g)
             _ylm_block(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # contributions g_nl Y_lm, vectorised over pairs, then scattered by (centre, species)
             for q in range(n_nlm):
@@ -868,7 +1076,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
 
 @njit(parallel=True, **_JIT)
 def descriptors_vjp(displacements, offsets, neighbor_species,
-                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index, poly,
                     A, X_bar, d_bar):
     N = X_bar.shape[0]
     P = displacements.shape[0]
@@ -883,6 +1091,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     _zero_uncovered(offsets, N, P, d_bar)
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
+    use_poly = poly.shape[0] == n_nl
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -899,6 +1108,12 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
         g0 = np.empty(_B, f8)
+        rt = np.empty(_B, dt)
+        tt = np.empty(_B, dt)
+        qq = np.empty(_B, dt)
+        rl = np.empty(_B, dt)
+        sg = np.empty(_B, dt)
+        sd = np.empty(_B, dt)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -932,8 +1147,12 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
             nb = min(_B, p_hi - p0)
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
-            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                          ja, jb, inv, g0, jv, djv, g, dg)
+            if use_poly:
+                _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
+                            g, dg)
+            else:
+                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                              ja, jb, inv, g0, jv, djv, g, dg)
             _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # gather the A_bar row of each pair's (centre, species); zero for invalid slots
             for b in range(_B):
@@ -993,7 +1212,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
 
 @njit(parallel=True, **_JIT)
 def descriptors_jvp(displacements, offsets, neighbor_species,
-                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index,
+                    consts, rconsts, roots, W, series, ylm, nl_index, pair_index, poly,
                     A, d_dot, X_dot):
     N = X_dot.shape[0]
     P = displacements.shape[0]
@@ -1006,6 +1225,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     zero = consts[_C_ZERO]
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
+    use_poly = poly.shape[0] == n_nl
     n_chunks = _n_chunks(N, P)
     for ch in prange(n_chunks):
         c0 = ch * N // n_chunks
@@ -1022,6 +1242,12 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         jb = np.empty(_B, f8)
         inv = np.empty(_B, f8)
         g0 = np.empty(_B, f8)
+        rt = np.empty(_B, dt)
+        tt = np.empty(_B, dt)
+        qq = np.empty(_B, dt)
+        rl = np.empty(_B, dt)
+        sg = np.empty(_B, dt)
+        sd = np.empty(_B, dt)
         jv = np.empty((L + 1, _B), f8)
         djv = np.empty((L + 1, _B), f8)
         g = np.empty((n_nl, _B), dt)
@@ -1055,8 +1281,12 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
             nb = min(_B, p_hi - p0)
             rmin, ci = _load_block(displacements, offsets, neighbor_species, rconsts, S, p0, nb,
                                    ci, c1, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc, ctr)
-            _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                          ja, jb, inv, g0, jv, djv, g, dg)
+            if use_poly:
+                _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
+                            g, dg)
+            else:
+                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                              ja, jb, inv, g0, jv, djv, g, dg)
             _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             for b in range(nb):
                 ex[b] = d_dot[p0 + b, 0]
