@@ -830,6 +830,76 @@ def _ylm_block(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY):
 
 
 @njit(**_JIT)
+def _t_and_g_l(nn, l, q0, c0, Ab, g, dg, Y, t, G):
+    """One l: G[lm] = sum_n Ab[q] g[c], t += Y[lm] sum_n Ab[q] dg[c] over its nn columns
+    c = c0 + n (rows q = q0 + n (2l+1) + m).  ``nn`` is a literal: the sums over n stay in
+    registers (this loop is bound by L1 loads; a row-by-row update through memory costs
+    twice as much)."""
+    nn = literally(nn)
+    w = 2 * l + 1
+    nB = t.shape[0]
+    for m in range(w):
+        lm = l * l + m
+        for b in range(nB):
+            ab = Ab[q0 + m, b]
+            ag = ab * g[c0, b]
+            ad = ab * dg[c0, b]
+            for n in range(1, nn):
+                ab = Ab[q0 + n * w + m, b]
+                ag += ab * g[c0 + n, b]
+                ad += ab * dg[c0 + n, b]
+            G[lm, b] = ag
+            t[b] += Y[lm, b] * ad
+
+
+@njit(**_JIT)
+def _t_and_g_generic(nn, l, q0, c0, Ab, g, dg, Y, t, G, zero):
+    w = 2 * l + 1
+    nB = t.shape[0]
+    for m in range(w):
+        lm = l * l + m
+        for b in range(nB):
+            G[lm, b] = zero
+        for n in range(nn):
+            q = q0 + n * w + m
+            for b in range(nB):
+                ab = Ab[q, b]
+                G[lm, b] += ab * g[c0 + n, b]
+                t[b] += Y[lm, b] * (ab * dg[c0 + n, b])
+
+
+@njit(**_JIT)
+def _t_and_g(L, Ab, g, dg, Y, zero, t, G):
+    """t[b] = sum_nlm dg_nl Ab_nlm Y_lm and G[lm, b] = sum_n Ab_nlm g_nl for every slot."""
+    for b in range(t.shape[0]):
+        t[b] = zero
+    q0 = 0
+    c0 = 0
+    for l in range(L):
+        nn = L - l
+        if nn == 1:
+            _t_and_g_l(1, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 2:
+            _t_and_g_l(2, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 3:
+            _t_and_g_l(3, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 4:
+            _t_and_g_l(4, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 5:
+            _t_and_g_l(5, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 6:
+            _t_and_g_l(6, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 7:
+            _t_and_g_l(7, l, q0, c0, Ab, g, dg, Y, t, G)
+        elif nn == 8:
+            _t_and_g_l(8, l, q0, c0, Ab, g, dg, Y, t, G)
+        else:
+            _t_and_g_generic(nn, l, q0, c0, Ab, g, dg, Y, t, G, zero)
+        q0 += nn * (2 * l + 1)
+        c0 += nn
+
+
+@njit(**_JIT)
 def _n_chunks(N, P):
     """Work items: whole centres, about _CHUNK_PAIRS pairs each, a multiple of 8 of them (even
     static split over 1, 2, 4 or 8 threads; numba.get_num_threads would defeat caching)."""
@@ -1165,18 +1235,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
                     for q in range(n_nlm):
                         Ab[q, b] = zero
             # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl  (vectorised over pairs)
-            for b in range(_B):
-                t[b] = zero
-            for q in range(L * L):
-                for b in range(_B):
-                    G[q, b] = zero
-            for q in range(n_nlm):
-                c = col[q]
-                lq = q - start[c] + (length[c] // 2) ** 2
-                for b in range(_B):
-                    ab = Ab[q, b]
-                    t[b] += dg[c, b] * (ab * Y[lq, b])
-                    G[lq, b] += ab * g[c, b]
+            _t_and_g(L, Ab, g, dg, Y, zero, t, G)
             # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
             for b in range(_B):
                 vx[b] = zero
