@@ -45,12 +45,17 @@ other pairs and species outside 0..S-1 are ignored (zero contribution, zero grad
 Offsets are clamped to [0, P]; offsets that are not non-decreasing give unspecified
 (but memory-safe, fully written) results.
 
-Precision: the radial functions g_nl(r), g_nl'(r) are always evaluated in float64 and
-then rounded to the input dtype: f_nl = c1 j_l(a r) - c2 j_l(b r) vanishes at r_cut
-with zero slope by cancellation, so a float32 evaluation has absolute errors ~1e-7 of
-the individual terms; near r_cut that exceeded 1e-5 of the largest gradient in small
-test systems (float64 costs ~20% more in that part only).  Everything else (Y_lm,
-accumulation of A, the contractions) runs in the input dtype.
+Precision: f_nl = c1 j_l(a r) - c2 j_l(b r) vanishes at r_cut (to third order) by
+cancellation, so the Bessel sum evaluated in float32 has absolute errors ~1e-7 of its
+individual terms, which near r_cut exceeded 1e-5 of the largest gradient in small test
+systems.  So: float64 kernels evaluate the Bessel sum in float64 (the Bessel path);
+float32 kernels evaluate g = r^l (r_cut^2 - r^2)^3 H(t) and g' = r^(l-1) (r_cut^2 - r^2)^2
+K(t) with float32 Chebyshev polynomials H, K fitted in make_tables (the polynomial path,
+see _radial_polynomials): the zeros sit in exact factors, so errors stay relative near
+r_cut and near 0 (~1e-6 of each function at most, from rounding t), at ~3 flops per degree
+instead of a float64 sincos per Bessel argument.  Where the polynomials would need a
+degree above 32 (n_max > 13) float32 kernels take the Bessel path in float64 too.
+Everything else (Y_lm, accumulation of A, the contractions) runs in the input dtype.
 
 Implementation
 --------------
