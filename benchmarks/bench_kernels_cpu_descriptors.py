@@ -71,7 +71,8 @@ def main():
     for dt, name in ((np.float32, "float32 (polynomial radial)"), (np.float64, "float64 (Bessel)")):
         tab = K.make_tables(n_max, r_cut, n_species, dt)
         fl = K.flop_counts(n_max, n_species, tab[6][..., 2:] if len(tab[8]) else None)
-        print(f"{name} flops per pair/centre: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in fl.items()))
+        print(f"{name} flops per pair/centre: "
+              + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in fl.items()))
     print(f"numba threads: {numba.get_num_threads()}")
     print(f"{'atoms':>6} {'pairs':>7} {'dtype':>7} {'kernel':>8} {'best ms':>9} {'median ms':>10}"
           f" {'GFLOP/s':>8} {'% f32 peak':>10}")

@@ -164,14 +164,18 @@ def test_ean_float32_tables():
     X_bar = rng.normal(size=(n, spec.n_features)).astype(np.float32)
     d_dot = rng.normal(size=d.shape).astype(np.float32)
     Xr, Ar, gr, tr = reference(spec, d, centers, species, n, X_bar, d_dot)
-    tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
-                   for t in K.make_tables(4, 3.5, 4, np.float32))
     offsets = K.offsets_from_centers(centers, n)
-    X, A = run_forward(d, offsets, species, tables)
-    assert_close(X, Xr, 1e-5)
-    assert_close(A, Ar, 1e-5)
-    assert_close(run_vjp(d, offsets, species, tables, A, X_bar), gr, 1e-5)
-    assert_close(run_jvp(d, offsets, species, tables, A, d_dot), tr, 1e-5)
+    # float32 tables: the polynomial path (what kernels_api passes without x64); float64
+    # tables rounded to float32: the Bessel path on float32 constants
+    for table_dtype in (np.float32, np.float64):
+        tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
+                       for t in K.make_tables(4, 3.5, 4, table_dtype))
+        assert (len(tables[8]) > 0) == (table_dtype == np.float32)
+        X, A = run_forward(d, offsets, species, tables)
+        assert_close(X, Xr, 1e-5)
+        assert_close(A, Ar, 1e-5)
+        assert_close(run_vjp(d, offsets, species, tables, A, X_bar), gr, 1e-5)
+        assert_close(run_jvp(d, offsets, species, tables, A, d_dot), tr, 1e-5)
 
 
 def test_ean_with_padding_and_degenerate_rows():

@@ -294,7 +294,8 @@ def _radial_polynomials(roots, W, r_cut: float, n_max: int):
                 exact = fn(grid, which)
                 # the error of H (K) times r^l rc^6 (r^(l-1) rc^4): that of g (g') where q is
                 # largest, and proportionally smaller near r_cut, where g -> 0
-                weight = factor(grid, which) / (rc2 - grid * grid) ** (3 - which) * rc2 ** (3 - which)
+                zeros = 3 - which
+                weight = factor(grid, which) * (rc2 / (rc2 - grid * grid)) ** zeros
                 h = exact / factor(grid, which)
                 bound = _POLY_TOL * np.max(np.abs(exact))
                 for D in _POLY_DEGREES:
@@ -303,7 +304,7 @@ def _radial_polynomials(roots, W, r_cut: float, n_max: int):
                     r = np.sqrt((t + 1.0) * (0.5 * rc2))
                     # float64 g / q^3 at nodes near r_cut carries ~1e-16 / q^3 of noise (the
                     # roots and c1/c2 are rounded): weight those nodes down to their accuracy
-                    w = np.minimum(1.0, ((rc2 - r * r) / (0.02 * rc2)) ** (3 - which))
+                    w = np.minimum(1.0, ((rc2 - r * r) / (0.02 * rc2)) ** zeros)
                     c = cheb.chebfit(t, fn(r, which) / factor(r, which), D, w=w)
                     approx = cheb.chebval(grid * grid * (2.0 / rc2) - 1.0, c)
                     if np.max(np.abs(approx - h) * weight) < bound:
@@ -730,7 +731,9 @@ def _cheb_any(D, x, cf, zero, scale, out, c):
 def _poly_block(r, rc, consts, poly, nl_index, deriv, rt, tt, qq, rl, sg, sd, g, dg):
     """g[c, b] = g_nl(r_b) and (deriv) dg[c, b] = g_nl'(r_b) from the polynomials of
     _radial_polynomials, in the input dtype (float32).  t and q are formed in float64 from
-    r (float64) and rounded once: float32 r^2 would cost r_cut^2 x 6e-8 in q near r_cut."""
+    r (float64) and rounded once: float32 r^2 would cost r_cut^2 x 6e-8 in q near r_cut.
+    (With the rconsts rounded to float32, as JAX without x64 passes them, r_cut^2 is the
+    rounded one here and in the validity test alike, so g still vanishes where pairs stop.)"""
     L = nl_index.shape[0]
     n_max = L - 1
     nB = r.shape[0]
