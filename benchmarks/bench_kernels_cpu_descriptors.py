@@ -69,8 +69,7 @@ def main():
     base = ean_atoms()
     r_cut, n_max, n_species = 3.5, 4, 4
     for dt, name in ((np.float32, "float32 (polynomial radial)"), (np.float64, "float64 (Bessel)")):
-        tab = K.make_tables(n_max, r_cut, n_species, dt)
-        fl = K.flop_counts(n_max, n_species, tab[6][..., 2:] if len(tab[8]) else None)
+        fl = K.flop_counts_of(K.make_tables(n_max, r_cut, n_species, dt))
         print(f"{name} flops per pair/centre: "
               + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in fl.items()))
     print(f"numba threads: {numba.get_num_threads()}")
@@ -82,8 +81,7 @@ def main():
             d, off, sp = pair_inputs(atoms, r_cut, dtype)
             N, P = len(off) - 1, len(d)
             tab = K.make_tables(n_max, r_cut, n_species, dtype)
-            # float32: the polynomial radial path when its table is there (see make_tables)
-            fl = K.flop_counts(n_max, n_species, tab[6][..., 2:] if len(tab[8]) else None)
+            fl = K.flop_counts_of(tab)  # float32: the polynomial radial path (see make_tables)
             rng = np.random.default_rng(0)
             X, A = K.forward(d, off, sp, tab)
             Xb = rng.normal(size=X.shape).astype(dtype)

@@ -210,10 +210,10 @@ def test_descriptors_fwd_bwd(benchmark, backend, rep):
     if backend == "numba":
         import numba
 
-        from neuralil_fast.kernels.cpu.descriptors import flop_counts, make_tables
+        from neuralil_fast.kernels.cpu.descriptors import flop_counts_of, make_tables
 
-        tab = make_tables(N_MAX, R_CUT, len(SPECIES), np.float32)  # float32: polynomial radial
-        fl = flop_counts(N_MAX, len(SPECIES), tab[6][..., 2:] if len(tab[8]) else None)
+        # float32: the polynomial radial path
+        fl = flop_counts_of(make_tables(N_MAX, R_CUT, len(SPECIES), np.float32))
         flops = sum(fl[k][0] * inp["n_pairs"] + fl[k][1] * n for k in ("forward", "vjp"))
         extra.update(gflops=flops / best / 1e9,
                      frac_f32_peak=flops / best / _kernel_bench().PEAK_F32,

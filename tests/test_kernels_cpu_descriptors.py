@@ -261,7 +261,7 @@ def test_tables_shapes_and_dtypes():
         assert t[6].dtype == np.int32 and t[7].dtype == np.int32
         assert t[2].shape == (5, 6) and t[3].shape == (5, 5, 6) and t[5].shape == (5, 5, 3)
         assert t[7].shape == (4, 4) and t[6].shape == (5, 5, 4)
-        # radial polynomials: float32 only; degrees from the compiled set, g' one above g at most
+        # radial polynomials: float32 only; degrees from the compiled set
         if dtype == np.float32:
             deg = t[6][..., 2:][np.tril(np.ones((5, 5), bool))[::-1]]
             assert t[8].shape == (15, 2, deg.max() + 1)
@@ -277,6 +277,10 @@ def test_tables_shapes_and_dtypes():
         fl = K.flop_counts(4, 4, degrees)
         assert set(fl) == {"forward", "vjp", "jvp"}
         assert all(v[0] > 0 and v[1] > 0 for v in fl.values())
+    # the path the tables select: Bessel for float64, polynomial for float32
+    assert K.flop_counts_of(K.make_tables(4, 3.5, 4, np.float64)) == K.flop_counts(4, 4)
+    t32 = K.make_tables(4, 3.5, 4, np.float32)
+    assert K.flop_counts_of(t32) == K.flop_counts(4, 4, t32[6][..., 2:])
 
 
 def test_block_boundaries():

@@ -88,7 +88,8 @@ import numpy as np
 from numba import literally, njit, prange
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
-           "n_nlm_of", "offsets_from_centers", "flop_counts", "forward", "vjp", "jvp"]
+           "n_nlm_of", "offsets_from_centers", "flop_counts", "flop_counts_of", "forward", "vjp",
+           "jvp"]
 
 # contract: allow FMA contraction (more accurate, not less); no reassociation, no finite-math.
 _JIT = dict(cache=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
@@ -1396,6 +1397,15 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
 
 # ---------------------------------------------------------------------------
 # Convenience wrappers on numpy arrays (tests, benchmarks)
+
+
+def flop_counts_of(tables) -> dict:
+    """:func:`flop_counts` of the radial path the kernels take with these tables (the
+    polynomial path when table 8 holds every (n, l) column, as the kernels decide)."""
+    L = tables[2].shape[0]
+    n_nl = L * (L + 1) // 2
+    degrees = tables[6][..., 2:] if tables[8].shape[0] == n_nl else None
+    return flop_counts(L - 1, tables[7].shape[0], degrees)
 
 
 def n_features_of(tables) -> int:
