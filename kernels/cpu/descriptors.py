@@ -248,7 +248,7 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
 
 
 _POLY_DEGREES = tuple(range(4, 33, 2))  # compiled Clenshaw variants (see _cheb_any)
-_POLY_TOL = 2e-8  # fit error / max |g| (or max |g'|) on [0, r_cut]: below float32's ulp
+_POLY_TOL = 2e-8  # weighted fit error / max |g| (|g'|), see _radial_polynomials: < float32 ulp
 
 
 def _radial_polynomials(roots, W, r_cut: float, n_max: int):
