@@ -47,6 +47,10 @@ def host_pairs(positions, cell, pbc, r_cut, backend):
         from .kernels.cpu.neighbors import neighbor_pairs_numba
 
         return neighbor_pairs_numba(positions, cell, pbc, r_cut)
+    if backend == "triton":
+        from .kernels.gpu.neighbors import neighbor_pairs_jax
+
+        return neighbor_pairs_jax(positions, cell, pbc, r_cut)
     raise NotImplementedError(f"no host neighbour kernel for backend {backend!r}")
 
 
@@ -69,6 +73,13 @@ def jax_build_pairs(positions, cell, nl):
     pairs (it may exceed the capacity: overflow); ``invalid`` flags bad input (NaN
     positions, degenerate cell), for which the host reallocation raises a clear error.
     """
+    if nl.backend == "triton":
+        from .geometry import _complete_cell
+        from .kernels.gpu.neighbors import count_and_fill_jax
+
+        # same basis as the host's binning basis (kernels.cpu.neighbors._basis)
+        return count_and_fill_jax(positions, _complete_cell(cell, nl.pbc), nl.pbc,
+                                  nl.r_cut + nl.skin, nl.capacity, nl.bin_grid)
     if nl.backend != "numba":
         raise NotImplementedError(f"no jittable neighbour kernel for backend {nl.backend!r}")
     dtype = jnp.dtype(positions.dtype).name
@@ -110,7 +121,29 @@ def _numba_kernels(dtype: str, table_specs: tuple):
     return fwd, vjp, jvp
 
 
-def _call(which: int, spec, n_atoms, d, offsets, species, *extra):
+@functools.lru_cache(maxsize=None)
+def _gpu_tables(n_max: int, r_cut: float):
+    from .kernels.gpu.descriptors import build_tables
+
+    return build_tables(n_max, r_cut)
+
+
+def _call_triton(which: int, spec, d, offsets, species, *extra):
+    from .kernels.gpu import descriptors as gd
+
+    tables, S = _gpu_tables(spec.n_max, spec.r_cut), spec.n_species
+    launch = (gd.descriptors_fwd_jax, gd.descriptors_vjp_jax, gd.descriptors_jvp_jax)[which]
+    # jax_triton has no batching rule: vmap over configurations runs one launch per
+    # configuration (as the numba FFI calls do, vmap_method="sequential").
+    out = jax.custom_batching.sequential_vmap(
+        lambda *a: launch(*a, tables=tables, n_species=S))(d, offsets, species, *extra)
+    return list(out) if which == 0 else [out]
+
+
+def _call(which: int, spec, n_atoms, backend, d, offsets, species, *extra):
+    """Kernel ``which`` (0 forward, 1 vjp, 2 jvp) of ``backend``: a list of its outputs."""
+    if backend == "triton":
+        return _call_triton(which, spec, d, offsets, species, *extra)
     dtype = jnp.dtype(d.dtype).name
     host_tables = _tables(spec.n_max, spec.r_cut, spec.n_species, dtype)
     if not jax.config.jax_enable_x64:
@@ -131,44 +164,44 @@ def _call(which: int, spec, n_atoms, d, offsets, species, *extra):
     return kern(d, offsets, species, *tables, *extra, out_shapes=outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _forward(spec, n_atoms, d, centers, offsets, species):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _forward(spec, n_atoms, backend, d, centers, offsets, species):
     """(X (N, F), A (N, S, n_nlm)); A carries no derivative of its own (see module doc)."""
-    return tuple(_call(0, spec, n_atoms, d, offsets, species))
+    return tuple(_call(0, spec, n_atoms, backend, d, offsets, species))
 
 
-def _forward_fwd(spec, n_atoms, d, centers, offsets, species):
+def _forward_fwd(spec, n_atoms, backend, d, centers, offsets, species):
     # Re-binding the primitive (not calling the kernel) keeps X differentiable
     # when an outer derivative (reverse-over-reverse) traces this rule.
-    X, A = _forward(spec, n_atoms, d, centers, offsets, species)
+    X, A = _forward(spec, n_atoms, backend, d, centers, offsets, species)
     return (X, A), (d, centers, offsets, species, A)
 
 
-def _forward_bwd(spec, n_atoms, res, cotangents):
+def _forward_bwd(spec, n_atoms, backend, res, cotangents):
     d, centers, offsets, species, A = res
     X_bar, _ = cotangents
-    d_bar = _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar)
+    d_bar = _descriptor_vjp(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar)
     return d_bar, None, None, None
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar):
-    return _call(1, spec, n_atoms, d, offsets, species, A, X_bar.astype(d.dtype))[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _descriptor_vjp(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
+    return _call(1, spec, n_atoms, backend, d, offsets, species, A, X_bar.astype(d.dtype))[0]
 
 
-def _descriptor_vjp_fwd(spec, n_atoms, d, centers, offsets, species, A, X_bar):
-    d_bar = _descriptor_vjp(spec, n_atoms, d, centers, offsets, species, A, X_bar)
+def _descriptor_vjp_fwd(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
+    d_bar = _descriptor_vjp(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar)
     return d_bar, (d, centers, offsets, species, A, X_bar)
 
 
-def _descriptor_vjp_bwd(spec, n_atoms, res, d_bar_bar):
+def _descriptor_vjp_bwd(spec, n_atoms, backend, res, d_bar_bar):
     d, centers, offsets, species, A, X_bar = res
     # The backward is linear in X_bar: its transpose is the descriptor JVP (kernel).
-    X_bar_bar = _call(2, spec, n_atoms, jax.lax.stop_gradient(d), offsets, species, A,
-                      d_bar_bar)[0]
+    X_bar_bar = _call(2, spec, n_atoms, backend, jax.lax.stop_gradient(d), offsets, species,
+                      A, d_bar_bar.astype(d.dtype))[0]
     # Second derivative in the displacements: the reference (pruned by XLA when unused).
     from .descriptors import descriptors_reference
 
@@ -185,10 +218,10 @@ _descriptor_vjp.defvjp(_descriptor_vjp_fwd, _descriptor_vjp_bwd)
 
 def kernel_descriptors(spec, displacements, centers, neighbor_species, n_atoms, backend):
     """Descriptors (n_atoms, n_features) through the kernels of ``backend``, differentiable."""
-    if backend != "numba":
+    if backend not in ("numba", "triton"):
         raise NotImplementedError(f"no descriptor kernel for backend {backend!r}")
     centers = centers.astype(jnp.int32)
     offsets = jnp.searchsorted(centers, jnp.arange(n_atoms + 1, dtype=jnp.int32),
                                side="left").astype(jnp.int32)
-    return _forward(spec, n_atoms, displacements, centers, offsets,
+    return _forward(spec, n_atoms, backend, displacements, centers, offsets,
                     neighbor_species.astype(jnp.int32))[0]

@@ -106,7 +106,8 @@ class NeighborList:
     reference_positions: (N, 3) positions at the last build, Å.
     reference_cell: (3, 3) cell at the last build, Å.
     did_overflow: () bool, sticky; when True the arrays are incomplete: reallocate.
-    Static: capacity, r_cut (of the model), skin (Å), pbc, backend, capacity_multiplier.
+    Static: capacity, r_cut (of the model), skin (Å), pbc, backend, capacity_multiplier,
+    max_images (the reference build's image grid), bin_grid (the Triton build's cell grid).
     """
 
     centers: jax.Array
@@ -123,6 +124,7 @@ class NeighborList:
     backend: str = dataclasses.field(metadata=dict(static=True))
     capacity_multiplier: float = dataclasses.field(metadata=dict(static=True))
     max_images: tuple = dataclasses.field(metadata=dict(static=True))
+    bin_grid: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def n_atoms(self) -> int:
@@ -187,8 +189,17 @@ def allocate(positions, cell, pbc, r_cut: float, skin: float = 0.0, *,
         backend=backend,
         capacity_multiplier=float(capacity_multiplier),
         max_images=max_images,
+        bin_grid=_bin_grid(positions, cell, pbc, r_cut + skin) if backend == "triton" else (),
     )
     return _fill(nl, i, j, S, positions, cell)
+
+
+def _bin_grid(positions, cell, pbc, r_list):
+    from .kernels.gpu.neighbors import bin_grid
+
+    # as max_images: room for a cell (or an open extent) 20% smaller before the
+    # jitted build flags itself and the caller reallocates
+    return bin_grid(positions, cell, pbc, r_list, margin=1.25)
 
 
 def _host_pairs(positions, cell, pbc, r_cut, backend):

@@ -51,7 +51,8 @@ from ..cpu.neighbors import (
     _basis,
 )
 
-__all__ = ["count_and_fill_triton", "neighbor_pairs_triton"]
+__all__ = ["bin_grid", "count_and_fill_jax", "count_and_fill_triton", "neighbor_pairs_jax",
+           "neighbor_pairs_triton"]
 
 
 @triton.jit
@@ -69,11 +70,10 @@ def _image(z, n, K, per):
 
 
 @triton.jit
-def _nl_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, cnt_ptr,
-               ci_ptr, cj_ptr, cs_ptr, geom_ptr,
-               nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz,
-               capacity,
-               FILL: tl.constexpr, BLOCK: tl.constexpr):
+def _nl_body(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, geom_ptr,
+             nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz, capacity,
+             cnt_ptr, ci_ptr, cj_ptr, cs_ptr,
+             FILL: tl.constexpr, BLOCK: tl.constexpr):
     # binning basis M (row-major) and r_cut^2 come as a float64 buffer:
     # Python float kernel arguments would be passed as fp32
     m00 = tl.load(geom_ptr + 0)
@@ -148,7 +148,27 @@ def _nl_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, cnt_ptr
                         tl.store(cs_ptr + 3 * dst + 2, qz + kt2 - k2, mask=w)
                     p += tl.sum(acc_i, 0).to(tl.int64)
     if not FILL:
-        tl.store(cnt_ptr + i, p)
+        tl.store(cnt_ptr + i, p.to(cnt_ptr.dtype.element_ty))
+
+
+# Two entry points over one body, outputs last: jax-triton appends the output
+# buffers after the inputs, and the count pass has one output, the fill pass three.
+@triton.jit
+def _nl_count_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, geom_ptr,
+                     nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz,
+                     cnt_ptr, BLOCK: tl.constexpr):
+    _nl_body(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, cnt_ptr, geom_ptr,
+             nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz, 0,
+             cnt_ptr, cnt_ptr, cnt_ptr, cnt_ptr, False, BLOCK)
+
+
+@triton.jit
+def _nl_fill_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, geom_ptr,
+                    nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz, capacity,
+                    ci_ptr, cj_ptr, cs_ptr, BLOCK: tl.constexpr):
+    _nl_body(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, geom_ptr,
+             nx, ny, nz, mx, my, mz, kx, ky, kz, perx, pery, perz, capacity,
+             ci_ptr, ci_ptr, cj_ptr, cs_ptr, True, BLOCK)
 
 
 def _check(positions, cell, pbc, r_cut):
@@ -178,6 +198,33 @@ def _check(positions, cell, pbc, r_cut):
     return r_cut, cell, pbc, M, B
 
 
+def _grid(h, pbc, rr, n):
+    """Static bin grid ``(nb, ms, kk)`` (three 3-tuples of ints) for widths ``h`` (Å).
+
+    ``h``: perpendicular cell widths along periodic directions, the atoms' extent
+    along open ones.  ``nb`` bins per direction (each at least ``rr`` wide, at most
+    ~4 bins per atom in all), ``ms`` bins searched each way, ``kk`` the offset that
+    keeps the kernel's integer division non-negative.
+    """
+    nb, ms, kk = [1, 1, 1], [0, 0, 0], [0, 0, 0]
+    for c in range(3):
+        if pbc[c] and rr / h[c] > _MAX_IMAGES:
+            raise ValueError(_ERR_MESSAGES[ERR_TOO_MANY_IMAGES])
+        nb[c] = int(min(max(math.floor(h[c] / rr), 1), 1 << 20))
+    while nb[0] * nb[1] * nb[2] > 4 * n + 64:
+        c = int(np.argmax(nb))
+        nb[c] = max(1, nb[c] // 2)
+    for c in range(3):
+        if not pbc[c] and nb[c] == 1:
+            ms[c] = 0
+        else:
+            ms[c] = int(math.ceil(rr * nb[c] / h[c]))
+            if not pbc[c]:
+                ms[c] = min(ms[c], nb[c] - 1)
+        kk[c] = ms[c] // nb[c] + 1
+    return tuple(nb), tuple(ms), tuple(kk)
+
+
 def _plan(positions, pbc, r_cut, M, B):
     """Bins, sorted wrapped coordinates and shifts (torch, on positions' device)."""
     import torch
@@ -192,30 +239,15 @@ def _plan(positions, pbc, r_cut, M, B):
     perv = torch.as_tensor(pbc, device=dev)
     k = torch.where(perv, torch.floor(frac), torch.zeros_like(frac))
     f = frac - k
-    nb, ms, kk = [1, 1, 1], [0, 0, 0], [0, 0, 0]
-    fmin, scale = [0.0] * 3, [0.0] * 3
-    h = [0.0] * 3
+    fmin, h = [0.0] * 3, [0.0] * 3
     for c in range(3):
         if pbc[c]:
             h[c] = 1.0 / float(np.linalg.norm(B[c]))
-            if r_cut / h[c] > _MAX_IMAGES:
-                raise ValueError(_ERR_MESSAGES[ERR_TOO_MANY_IMAGES])
         else:
             lo_c, hi_c = float(f[:, c].min()), float(f[:, c].max())
             fmin[c], h[c] = lo_c, hi_c - lo_c
-        nb[c] = int(min(max(math.floor(h[c] / rr), 1), 1 << 20))
-    while nb[0] * nb[1] * nb[2] > 4 * n + 64:
-        c = int(np.argmax(nb))
-        nb[c] = max(1, nb[c] // 2)
-    for c in range(3):
-        if not pbc[c] and nb[c] == 1:
-            ms[c] = 0
-        else:
-            ms[c] = int(math.ceil(rr * nb[c] / h[c]))
-            if not pbc[c]:
-                ms[c] = min(ms[c], nb[c] - 1)
-        kk[c] = ms[c] // nb[c] + 1
-        scale[c] = nb[c] if pbc[c] else (nb[c] / h[c] if h[c] > 0 else 0.0)
+    nb, ms, kk = _grid(h, pbc, rr, n)
+    scale = [nb[c] if pbc[c] else (nb[c] / h[c] if h[c] > 0 else 0.0) for c in range(3)]
     bins = torch.zeros(n, dtype=torch.int64, device=dev)
     for c in (2, 1, 0):
         v = torch.floor((f[:, c] - fmin[c]) * scale[c]).to(torch.int64)
@@ -233,6 +265,11 @@ def _plan(positions, pbc, r_cut, M, B):
     )
 
 
+def _scalars(grid, pbc):
+    nb, ms, kk = grid
+    return (*nb, *ms, *kk, *[int(bool(p)) for p in pbc])
+
+
 def _launch(plan, n, r_cut, pbc, fill, offsets, counts, ci, cj, cs, capacity,
             block, num_warps):
     import torch
@@ -240,13 +277,13 @@ def _launch(plan, n, r_cut, pbc, fill, offsets, counts, ci, cj, cs, capacity,
     geom = torch.tensor(list(np.asarray(plan["M"], np.float64).ravel())
                         + [float(r_cut) ** 2], dtype=torch.float64,
                         device=plan["xs"].device)
-    _nl_kernel[(n,)](
-        plan["xs"], plan["ks"], plan["perm"], plan["binof"], plan["cstart"],
-        offsets, counts, ci, cj, cs, geom,
-        *plan["nb"], *plan["ms"], *plan["kk"], *[int(bool(p)) for p in pbc],
-        int(capacity),
-        FILL=fill, BLOCK=block, num_warps=num_warps,
-    )
+    ins = (plan["xs"], plan["ks"], plan["perm"], plan["binof"], plan["cstart"])
+    scal = _scalars((plan["nb"], plan["ms"], plan["kk"]), pbc)
+    if fill:
+        _nl_fill_kernel[(n,)](*ins, offsets, geom, *scal, int(capacity), ci, cj, cs,
+                              BLOCK=block, num_warps=num_warps)
+    else:
+        _nl_count_kernel[(n,)](*ins, geom, *scal, counts, BLOCK=block, num_warps=num_warps)
 
 
 def _count(positions, cell, pbc, r_cut, block, num_warps):
@@ -305,3 +342,147 @@ def neighbor_pairs_triton(positions, cell, pbc, r_cut, *, block=32, num_warps=1)
         _launch(plan, n, r_cut, pbc, True, offsets, offsets, ci, cj, cs, total,
                 block, num_warps)
     return ci, cj, cs
+
+
+# --------------------------------------------------------------------------- jax
+
+def bin_grid(positions, cell, pbc, r_cut, *, margin: float = 1.0):
+    """Host: the static bin grid of :func:`count_and_fill_jax` for these positions.
+
+    ``margin`` > 1 makes the bins that much wider than ``r_cut``, so that a jitted
+    rebuild stays valid while the cell or the atoms' extent along open directions
+    shrinks by up to that factor (beyond it the build flags itself invalid).
+    """
+    positions = np.asarray(positions, np.float64)
+    cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
+    pbc = np.broadcast_to(np.asarray(pbc, bool), (3,)).copy()
+    code, M, B, _ = _basis(np.ascontiguousarray(cell), pbc)
+    if code != 0:
+        raise ValueError(_ERR_MESSAGES[code] + f" (pbc={pbc.tolist()})")
+    f = positions @ B.T
+    h = [1.0 / float(np.linalg.norm(B[c])) if pbc[c]
+         else (float(np.ptp(f[:, c])) if len(f) else 0.0) for c in range(3)]
+    return _grid(h, pbc, float(r_cut) * _BIN_SAFETY * margin, len(positions))
+
+
+def _plan_jax(positions, basis, pbc, rr, grid):
+    """jnp version of ``_plan`` on a static grid; also says whether the grid still fits.
+
+    ``basis``: (3, 3) rows = periodic lattice vectors, open rows an orthonormal
+    complement (``geometry._complete_cell``); traced.
+    """
+    import jax.numpy as jnp
+
+    nb, ms, _ = grid
+    B = jnp.linalg.inv(basis).T  # rows: reciprocal vectors, frac_c = x . B[c]
+    per = jnp.asarray(pbc)
+    frac = positions @ B.T
+    k = jnp.where(per, jnp.floor(frac), 0.0)
+    f = frac - k
+    fmin = jnp.where(per, 0.0, jnp.min(f, axis=0))
+    h = jnp.where(per, 1.0 / jnp.linalg.norm(B, axis=1), jnp.max(f, axis=0) - fmin)
+    nbv = jnp.asarray(nb, f.dtype)
+    scale = jnp.where(per, nbv, jnp.where(h > 0, nbv / jnp.where(h > 0, h, 1.0), 0.0))
+    v = jnp.floor((f - fmin) * scale)
+    v = jnp.clip(jnp.nan_to_num(v), 0, nbv - 1).astype(jnp.int32)
+    bins = v[:, 0] + nb[0] * (v[:, 1] + nb[1] * v[:, 2])
+    perm = jnp.argsort(bins, stable=True).astype(jnp.int32)
+    binof = bins[perm]
+    cstart = jnp.searchsorted(binof, jnp.arange(nb[0] * nb[1] * nb[2] + 1, dtype=jnp.int32),
+                              side="left").astype(jnp.int32)
+    xs = (positions - k @ basis)[perm]
+    ks = k[perm].astype(jnp.int32)
+    # ms bins of width h / nb must span rr; an open direction searched over all
+    # its bins always does.
+    spans = jnp.asarray(ms, f.dtype) * h >= rr * nbv
+    whole = (~per) & (jnp.asarray(ms) >= jnp.asarray(nb) - 1)
+    ok = jnp.all(spans | whole) & jnp.all(jnp.isfinite(positions)) & jnp.all(jnp.isfinite(B))
+    return xs, ks, perm, binof, cstart, ok
+
+
+def count_and_fill_jax(positions, basis, pbc, r_cut, capacity: int, grid, *,
+                       block: int = 32, num_warps: int = 1):
+    """Jittable pairs through jax_triton: (centers, neighbors, shifts, count, invalid).
+
+    positions (N, 3) and basis (3, 3) are traced; ``pbc`` (3 bools), ``r_cut``,
+    ``capacity`` and ``grid`` (:func:`bin_grid`) are static.  ``count`` is the
+    true number of pairs (it may exceed ``capacity``: only the first ``capacity``
+    are written, the caller sees the overflow); rows from ``count`` on are padding
+    (centre = neighbour = N, shift 0).  ``invalid``: NaN positions, a singular
+    basis, or a grid the cell has shrunk out of: rebuild on the host.
+    Distances are tested in the positions' dtype.
+    """
+    import jax
+    import jax.numpy as jnp
+    import jax_triton as jt
+
+    n = positions.shape[0]
+    pbc = tuple(bool(p) for p in pbc)
+    cap = int(capacity)
+    i32 = jnp.int32
+    if n == 0:
+        return (jnp.zeros(cap, i32), jnp.zeros(cap, i32), jnp.zeros((cap, 3), i32),
+                jnp.asarray(0, i32), jnp.asarray(False))
+    rr = float(r_cut) * _BIN_SAFETY
+    xs, ks, perm, binof, cstart, ok = _plan_jax(positions, basis.astype(positions.dtype),
+                                                pbc, rr, grid)
+    geom = jnp.concatenate([basis.astype(xs.dtype).ravel(),
+                            jnp.full((1,), float(r_cut) ** 2, xs.dtype)])
+    scal = _scalars(grid, pbc)
+    ins = (xs, ks, perm, binof, cstart)
+    counts = jt.triton_call(*ins, geom, *scal, kernel=_nl_count_kernel,
+                            out_shape=jax.ShapeDtypeStruct((n,), i32), grid=(n,),
+                            num_warps=num_warps, BLOCK=block)
+    offsets = jnp.concatenate([jnp.zeros(1, i32), jnp.cumsum(counts, dtype=i32)])
+    total = offsets[-1]
+    if cap == 0:
+        return (jnp.zeros(0, i32), jnp.zeros(0, i32), jnp.zeros((0, 3), i32), total, ~ok)
+    ci, cj, cs = jt.triton_call(
+        *ins, offsets, geom, *scal, cap, kernel=_nl_fill_kernel,
+        out_shape=(jax.ShapeDtypeStruct((cap,), i32), jax.ShapeDtypeStruct((cap,), i32),
+                   jax.ShapeDtypeStruct((cap, 3), i32)),
+        grid=(n,), num_warps=num_warps, BLOCK=block)
+    # rows past the count are never written (outputs start uninitialised)
+    valid = jnp.arange(cap, dtype=i32) < total
+    return (jnp.where(valid, ci, n), jnp.where(valid, cj, n),
+            jnp.where(valid[:, None], cs, 0), total, ~ok)
+
+
+def neighbor_pairs_jax(positions, cell, pbc, r_cut, *, block: int = 32, num_warps: int = 1):
+    """Host: (i, j, S) numpy int32, CSR order, through the jax_triton kernels in float64.
+
+    Same contract and errors as :func:`neighbor_pairs_triton` (numpy inputs).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    positions = np.asarray(positions, np.float64)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape (N, 3), got {positions.shape}")
+    try:
+        r_cut = float(r_cut)
+    except (TypeError, ValueError):
+        raise ValueError(f"r_cut must be a number, got {r_cut!r}") from None
+    if not (math.isfinite(r_cut) and r_cut > 0):
+        raise ValueError(_ERR_MESSAGES[ERR_RCUT] + f" (got {r_cut!r})")
+    if not np.all(np.isfinite(positions)):
+        raise ValueError(_ERR_MESSAGES[ERR_NONFINITE])
+    cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
+    if cell.shape != (3, 3):
+        raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+    pbc = tuple(bool(p) for p in np.broadcast_to(np.asarray(pbc, bool), (3,)))
+    # raises on a bad cell; the margin only absorbs rounding between host and jnp widths
+    grid = bin_grid(positions, cell, pbc, r_cut, margin=1.0 + 1e-6)
+    M = _basis(np.ascontiguousarray(cell), np.asarray(pbc))[1]
+    empty = np.zeros(0, np.int32)
+    if len(positions) == 0:
+        return empty, empty, np.zeros((0, 3), np.int32)
+    with jax.enable_x64(True):  # exact float64 decisions, as the other backends
+        x, m = jnp.asarray(positions), jnp.asarray(M)
+        total = int(count_and_fill_jax(x, m, pbc, r_cut, 0, grid, block=block,
+                                       num_warps=num_warps)[3])
+        ci, cj, cs, _, bad = count_and_fill_jax(x, m, pbc, r_cut, total, grid, block=block,
+                                                num_warps=num_warps)
+        if bool(bad):  # inputs were checked above: this is a bug, not bad input
+            raise RuntimeError("the Triton neighbour build rejected its own bin grid")
+        return np.asarray(ci), np.asarray(cj), np.asarray(cs)
