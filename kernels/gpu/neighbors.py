@@ -10,28 +10,34 @@ order (sorted by centre), see ``kernels/cpu/neighbors.py`` for why.
 
 Layout of the work:
 
-* host (torch ops, any device): the binning basis (periodic rows = lattice
+* host (torch ops on any device, or jnp): the binning basis (periodic rows = lattice
   vectors, open rows = orthonormal complement; ``kernels.cpu.neighbors._basis``),
   fractional coordinates, integer wrap shifts, bins of perpendicular width
   >= r_cut, a stable sort of the atoms by bin and the bin start table;
-* ``_nl_kernel`` (one program per centre, in bin order) loops over the
+* ``_nl_body`` (one program per centre, in bin order) loops over the
   (2m+1)^3 neighbouring bins (with their image shifts) in blocks of ``BLOCK``
-  atoms.  Run twice: ``FILL=False`` counts the pairs of each centre, a prefix
-  sum on the host gives the CSR offsets, ``FILL=True`` writes each centre's
+  atoms.  Run twice: ``_nl_count_kernel`` counts the pairs of each centre, a
+  prefix sum gives the CSR offsets, ``_nl_fill_kernel`` writes each centre's
   run (in-block compaction with ``tl.cumsum``).  No atomics, deterministic.
 
-Differences from the numba version: distances are tested in float64 on the
+Differences from the numba version: distances are tested in float64 (in the
+positions' dtype in the jitted build) on the
 wrapped coordinates only (no re-evaluation of near-ties with ASE's formula), so
 a pair whose distance is within ~1e-15 relative of r_cut may be decided
 differently from ASE.
 
-Entry points (torch tensors; CPU tensors run in the Triton interpreter when
-``TRITON_INTERPRET=1``):
+Two hosts for the same kernels (``_nl_count_kernel``, ``_nl_fill_kernel``):
 
-``count_and_fill_triton(positions, cell, pbc, r_cut, capacity, centers_out,
-neighbors_out, shifts_out) -> n_pairs`` (true count; at most ``capacity`` pairs
-written; padding centre = neighbour = N, shift 0), and
-``neighbor_pairs_triton(positions, cell, pbc, r_cut) -> (i, j, S)`` int32.
+* torch tensors (CPU tensors run in the Triton interpreter when
+  ``TRITON_INTERPRET=1``): ``count_and_fill_triton(positions, cell, pbc, r_cut,
+  capacity, centers_out, neighbors_out, shifts_out) -> n_pairs`` (true count; at
+  most ``capacity`` pairs written; padding centre = neighbour = N, shift 0) and
+  ``neighbor_pairs_triton(positions, cell, pbc, r_cut) -> (i, j, S)`` int32;
+* jax arrays through ``jax_triton.triton_call`` (the ``triton`` backend):
+  ``count_and_fill_jax`` is jittable -- the binning plan is jnp on a static bin
+  grid (``bin_grid``, chosen on the host with a margin) and the build flags itself
+  when the cell or the atoms' open extent has shrunk out of that grid -- and
+  ``neighbor_pairs_jax`` is the host entry (float64, numpy in and out).
 """
 from __future__ import annotations
 
