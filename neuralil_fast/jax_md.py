@@ -176,11 +176,12 @@ class NeighborFn:
 
 
 def neighbor_list(model_or_r_cut, cell, pbc=True, skin: float = 0.5,
-                  capacity_multiplier: float = 1.25, backend: str = "reference") -> NeighborFn:
+                  capacity_multiplier: float = 1.25, backend: str = "auto") -> NeighborFn:
     """A :class:`NeighborFn` for a model (its r_cut) or a cutoff in Å, in a fixed cell.
 
-    backend: the neighbour-list build inside ``jit`` ("reference" is the jittable
-    dense build; a kernel backend once its jittable build exists).
+    backend: the neighbour-list build inside ``jit``: "numba" (the O(N) cell list through
+    the XLA FFI), "triton" (the same through jax-triton), "reference" (the dense
+    O(N^2 x images) pure-JAX build, for small systems and checks), "auto".
     """
     r_cut = float(getattr(model_or_r_cut, "r_cut", model_or_r_cut))
     cell, pbc = check_cell(cell, pbc)
@@ -191,7 +192,7 @@ def neighbor_list(model_or_r_cut, cell, pbc=True, skin: float = 0.5,
 
 
 def from_atoms(model, params, atoms, skin: float = 0.5, backend: str = "auto",
-               neighbor_backend: str = "reference", capacity_multiplier: float = 1.25):
+               neighbor_backend: str = "auto", capacity_multiplier: float = 1.25):
     """Everything a jax-md simulation of ``atoms`` needs, as a namespace.
 
     Fields: energy_fn, atomic_energy_fn, neighbor_fn, displacement_fn, shift_fn,
