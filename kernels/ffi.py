@@ -792,6 +792,40 @@ def _sig_suffix(in_specs, out_specs) -> str:
     return f"{f(in_specs)}__{f(out_specs)}"
 
 
+def _wide(dtype) -> bool:
+    return np.dtype(dtype).itemsize == 8
+
+
+def pure_callback_64(host: Callable, out_shapes, *args, vmap_method: str | None = None):
+    """``jax.pure_callback(host, out_shapes, *args)`` that keeps 64-bit dtypes exact.
+
+    JAX canonicalises a callback's arguments and results with the x64 setting of the
+    thread that runs it, and a scoped ``jax.enable_x64`` does not reach the XLA threads
+    a jitted callback may run on: float64 would arrive as float32 (or the float64 result
+    be rejected).  64-bit arrays therefore cross as uint32 pairs (a bitcast, no copy of
+    values) and ``host`` sees and returns the real dtypes.  ``out_shapes``: a sequence.
+    """
+    import jax
+
+    in_dtypes = tuple(np.dtype(a.dtype) for a in args)
+    out_shapes = [jax.ShapeDtypeStruct(tuple(s.shape), s.dtype) for s in out_shapes]
+
+    def wired(*values):
+        ins = [np.asarray(v).view(dt).reshape(np.shape(v)[:-1]) if _wide(dt) else np.asarray(v)
+               for v, dt in zip(values, in_dtypes)]
+        outs = host(*ins)
+        return tuple(np.ascontiguousarray(o).reshape(-1).view(np.uint32).reshape(np.shape(o) + (2,))
+                     if _wide(s.dtype) else o for o, s in zip(outs, out_shapes))
+
+    wire_shapes = [jax.ShapeDtypeStruct(s.shape + (2,), np.uint32) if _wide(s.dtype) else s
+                   for s in out_shapes]
+    outs = jax.pure_callback(wired, wire_shapes,
+                             *[jax.lax.bitcast_convert_type(a, np.uint32) if _wide(a.dtype) else a
+                               for a in args], vmap_method=vmap_method)
+    return [jax.lax.bitcast_convert_type(o, s.dtype) if _wide(s.dtype) else o
+            for o, s in zip(outs, out_shapes)]
+
+
 class NumbaFFIKernel:
     """A numba kernel callable on jax arrays (inside ``jit``/``vmap``/``scan``).
 
@@ -898,7 +932,7 @@ class NumbaFFIKernel:
         if mode == "ffi":
             outs = jax.ffi.ffi_call(self.target_name, out_shapes, vmap_method="sequential")(*args)
         else:
-            outs = jax.pure_callback(
+            outs = pure_callback_64(
                 functools.partial(self._host, tuple(out_shapes)), out_shapes, *args, vmap_method="sequential"
             )
         return tuple(outs)

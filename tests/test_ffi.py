@@ -484,6 +484,40 @@ def test_ffi_and_callback_agree(monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
+def test_pure_callback_64_keeps_float64_on_another_thread():
+    """The callback fallback's transport: float64 (and int64) arrays reach the host and
+    come back bit for bit when the compiled computation runs on a thread where the
+    scoped x64 of its tracing does not apply (as XLA's threads; a plain pure_callback
+    fails there: its float64 result is canonicalised to float32)."""
+    import threading
+
+    seen = []
+
+    def host(x, i, s):
+        seen.append((x.dtype, i.dtype, s.dtype))
+        return x + 1e-12, i * 3, np.float64(s) * 2
+
+    def one(x):
+        i = jnp.arange(3, dtype=jnp.int64)
+        return ffi.pure_callback_64(
+            host, [jax.ShapeDtypeStruct((3,), jnp.float64), jax.ShapeDtypeStruct((3,), jnp.int64),
+                   jax.ShapeDtypeStruct((), jnp.float64)], x, i, x[0])
+
+    with jax.enable_x64(True):
+        xs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float64)
+        compiled = jax.jit(lambda xs: jax.lax.map(one, xs)).lower(xs).compile()
+    res = []
+    worker = threading.Thread(target=lambda: res.append(compiled(xs)))
+    worker.start()
+    worker.join()
+    y, i, s = res[0]
+    assert y.dtype == jnp.float64 and i.dtype == jnp.int64 and s.dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xs) + 1e-12)
+    np.testing.assert_array_equal(np.asarray(i), np.tile(np.arange(3) * 3, (4, 1)))
+    np.testing.assert_array_equal(np.asarray(s), 2 * np.asarray(xs)[:, 0])
+    assert seen and all(t == (np.float64, np.int64, np.float64) for t in seen)
+
+
 def test_f32_and_f64_variants_coexist():
     assert KERNELS[np.float32].target_name != KERNELS[np.float64].target_name
     assert KERNELS[np.float32].target_name.startswith("nf_test_toy__")

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="torch is needed to launch the Triton kernels (pin the CPU build torch==2.13.0)")
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run",
-                allow_module_level=True)
+import triton_standin  # noqa: E402
+
+CUDA = triton_standin.require()
+import torch  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -243,7 +237,6 @@ def test_jax_launchers_wiring(monkeypatch):
     import sys
     import types
 
-    import triton_standin
     from neuralil_fast.kernels.gpu import descriptors as gd
 
     calls = []

@@ -10,33 +10,24 @@ inputs.  The interpreter is slow: the systems are small.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="torch is needed to launch the Triton kernels (pin the CPU build torch==2.13.0)")
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run",
-                allow_module_level=True)
+import triton_standin  # noqa: E402
+
+CUDA = triton_standin.require()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import triton_standin  # noqa: E402
 from neuralil_fast import backends, neighbors  # noqa: E402
 from neuralil_fast.descriptors import DescriptorSpec, descriptors  # noqa: E402
 from neuralil_fast.model import NeuralIL  # noqa: E402
 from neuralil_fast.neighbors import allocate, neighbor_pairs, pair_displacements  # noqa: E402
 from neuralil_fast.potential import evaluate  # noqa: E402
 from test_geometry import cell_from_parameters  # noqa: E402
-from test_neighbors import (assert_same_pairs, compressing, naive_pairs, random_system,  # noqa: E402
-                            valid_rows)
+from test_neighbors import (assert_same_pairs, compressing, naive_pairs,  # noqa: E402
+                            random_system, valid_rows)
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
 

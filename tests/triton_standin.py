@@ -10,17 +10,42 @@ torch CPU tensors, so the project's jax-side wiring (plans, launch arguments,
 custom_vjp, batching, jit) is exercised end to end.  What it cannot check is
 jax-triton's own lowering, which needs a GPU.
 
-Import this module only after ``TRITON_INTERPRET=1`` is set (before triton).
+Test modules call :func:`require` first: it sets ``TRITON_INTERPRET=1`` (before
+triton is imported) where there is no CUDA device, or skips the module.
 """
 from __future__ import annotations
 
+import os
 import sys
 import types
 
 import jax
 import numpy as np
 
+from neuralil_fast.kernels.ffi import pure_callback_64
+
 _SCALARS = (bool, int, float)
+
+
+def require():
+    """Skip the calling test module unless the Triton kernels can run; True with CUDA.
+
+    Without a CUDA device the kernels run in Triton's interpreter on torch CPU tensors,
+    which must be switched on before triton is first imported.
+    """
+    import pytest
+
+    torch = pytest.importorskip(
+        "torch",
+        reason="torch is needed to launch the Triton kernels (pin the CPU build torch==2.13.0)")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run",
+                    allow_module_level=True)
+    return cuda
 
 
 def triton_call(*args, kernel, out_shape, grid, num_warps=4, zeroed_outputs=(), **meta):
@@ -43,31 +68,11 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=4, zeroed_outputs=(), 
             outs.append(torch.from_numpy(np.full(s.shape, 0 if k in zeroed_outputs else garbage,
                                                  dt)))
         kernel[tuple(grid)](*ins, *outs, num_warps=num_warps, **meta)
-        return tuple(_wire(o.numpy()) for o in outs)
+        return tuple(o.numpy() for o in outs)
 
-    res = jax.pure_callback(host, tuple(_wire_shape(s) for s in shapes), *arrays)
-    res = [_unwire(r, s) for r, s in zip(res, shapes)]
+    # the library's own callback helper: float64 stays float64 on XLA's threads
+    res = pure_callback_64(host, shapes, *arrays)
     return res[0] if single else tuple(res)
-
-
-# 64-bit results cross the callback as uint32 pairs: JAX canonicalises a callback's
-# results with the x64 setting of the thread that runs it, and a scoped
-# ``enable_x64`` does not reach XLA's threads (a float64 result would come back float32).
-def _wide(dtype) -> bool:
-    return np.dtype(dtype).itemsize == 8
-
-
-def _wire(a):
-    return a.view(np.uint32).reshape(a.shape + (2,)) if _wide(a.dtype) else a
-
-
-def _wire_shape(s):
-    return jax.ShapeDtypeStruct(s.shape + (2,), np.uint32) if _wide(s.dtype) else \
-        jax.ShapeDtypeStruct(s.shape, s.dtype)
-
-
-def _unwire(r, s):
-    return jax.lax.bitcast_convert_type(r, s.dtype) if _wide(s.dtype) else r
 
 
 def install(monkeypatch):

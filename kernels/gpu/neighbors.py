@@ -177,25 +177,30 @@ def _nl_fill_kernel(xs_ptr, ks_ptr, perm_ptr, binof_ptr, cstart_ptr, off_ptr, ge
              ci_ptr, ci_ptr, cj_ptr, cs_ptr, True, BLOCK)
 
 
-def _check(positions, cell, pbc, r_cut):
-    import torch
-
-    if not isinstance(positions, torch.Tensor):
-        raise ValueError("positions must be a torch tensor")
-    if positions.ndim != 2 or positions.shape[1] != 3:
-        raise ValueError(f"positions must have shape (N, 3), got {tuple(positions.shape)}")
+def _check_args(shape, cell, pbc, r_cut):
+    """(r_cut float, cell (3, 3) float64, pbc (3,) bool) or ValueError naming the problem."""
+    if len(shape) != 2 or shape[1] != 3:
+        raise ValueError(f"positions must have shape (N, 3), got {tuple(shape)}")
     try:
         r_cut = float(r_cut)
     except (TypeError, ValueError):
         raise ValueError(f"r_cut must be a number, got {r_cut!r}") from None
     if not (math.isfinite(r_cut) and r_cut > 0):
         raise ValueError(_ERR_MESSAGES[ERR_RCUT] + f" (got {r_cut!r})")
-    if isinstance(cell, torch.Tensor):
-        cell = cell.detach().cpu().numpy()
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
     if cell.shape != (3, 3):
         raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
-    pbc = np.broadcast_to(np.asarray(pbc, bool), (3,)).copy()
+    return r_cut, cell, np.broadcast_to(np.asarray(pbc, bool), (3,)).copy()
+
+
+def _check(positions, cell, pbc, r_cut):
+    import torch
+
+    if not isinstance(positions, torch.Tensor):
+        raise ValueError("positions must be a torch tensor")
+    if isinstance(cell, torch.Tensor):
+        cell = cell.detach().cpu().numpy()
+    r_cut, cell, pbc = _check_args(tuple(positions.shape), cell, pbc, r_cut)
     if positions.numel() and not bool(torch.isfinite(positions).all()):
         raise ValueError(_ERR_MESSAGES[ERR_NONFINITE])
     code, M, B, cell_eff = _basis(np.ascontiguousarray(cell), pbc)
@@ -463,20 +468,10 @@ def neighbor_pairs_jax(positions, cell, pbc, r_cut, *, block: int = 32, num_warp
     import jax.numpy as jnp
 
     positions = np.asarray(positions, np.float64)
-    if positions.ndim != 2 or positions.shape[1] != 3:
-        raise ValueError(f"positions must have shape (N, 3), got {positions.shape}")
-    try:
-        r_cut = float(r_cut)
-    except (TypeError, ValueError):
-        raise ValueError(f"r_cut must be a number, got {r_cut!r}") from None
-    if not (math.isfinite(r_cut) and r_cut > 0):
-        raise ValueError(_ERR_MESSAGES[ERR_RCUT] + f" (got {r_cut!r})")
+    r_cut, cell, pbc = _check_args(positions.shape, cell, pbc, r_cut)
     if not np.all(np.isfinite(positions)):
         raise ValueError(_ERR_MESSAGES[ERR_NONFINITE])
-    cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
-    if cell.shape != (3, 3):
-        raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
-    pbc = tuple(bool(p) for p in np.broadcast_to(np.asarray(pbc, bool), (3,)))
+    pbc = tuple(bool(p) for p in pbc)
     # raises on a bad cell; the margin only absorbs rounding between host and jnp widths
     grid = bin_grid(positions, cell, pbc, r_cut, margin=1.0 + 1e-6)
     M = _basis(np.ascontiguousarray(cell), np.asarray(pbc))[1]
