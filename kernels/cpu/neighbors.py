@@ -128,7 +128,7 @@ def _prefetch_intrinsic(write):
             i32 = ir.IntType(32)
             fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                "llvm.prefetch.p0")
+                "llvm.prefetch.p0i8")  # the typed-pointer name; LLVM >= 15 auto-upgrades it
             builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, int(write)),
                               ir.Constant(i32, 3), ir.Constant(i32, 1)])
             return context.get_dummy_value()
