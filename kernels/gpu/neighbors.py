@@ -364,6 +364,11 @@ def bin_grid(positions, cell, pbc, r_cut, *, margin: float = 1.0):
     rebuild stays valid while the cell or the atoms' extent along open directions
     shrinks by up to that factor (beyond it the build flags itself invalid).
     """
+    return _grid_and_basis(positions, cell, pbc, r_cut, margin)[0]
+
+
+def _grid_and_basis(positions, cell, pbc, r_cut, margin):
+    """(bin grid, binning basis M (3, 3)) on the host; ValueError for a bad cell."""
     positions = np.asarray(positions, np.float64)
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
     pbc = np.broadcast_to(np.asarray(pbc, bool), (3,)).copy()
@@ -373,7 +378,7 @@ def bin_grid(positions, cell, pbc, r_cut, *, margin: float = 1.0):
     f = positions @ B.T
     h = [1.0 / float(np.linalg.norm(B[c])) if pbc[c]
          else (float(np.ptp(f[:, c])) if len(f) else 0.0) for c in range(3)]
-    return _grid(h, pbc, float(r_cut) * _BIN_SAFETY * margin, len(positions))
+    return _grid(h, pbc, float(r_cut) * _BIN_SAFETY * margin, len(positions)), M
 
 
 def _plan_jax(positions, basis, pbc, rr, grid):
@@ -423,20 +428,27 @@ def count_and_fill_jax(positions, basis, pbc, r_cut, capacity: int, grid, *,
     basis, or a grid the cell has shrunk out of: rebuild on the host.
     Distances are tested in the positions' dtype.
     """
+    import jax.numpy as jnp
+
+    if positions.shape[0] == 0:
+        cap = int(capacity)
+        return (jnp.zeros(cap, jnp.int32), jnp.zeros(cap, jnp.int32),
+                jnp.zeros((cap, 3), jnp.int32), jnp.asarray(0, jnp.int32), jnp.asarray(False))
+    launch, offsets, ok = _count_jax(positions, basis, pbc, r_cut, grid, block, num_warps)
+    return (*_fill_jax(launch, offsets, positions.shape[0], int(capacity)), offsets[-1], ~ok)
+
+
+def _count_jax(positions, basis, pbc, r_cut, grid, block, num_warps):
+    """Plan and count pass (N >= 1): (fill-pass launch data, offsets (N + 1,), ok)."""
     import jax
     import jax.numpy as jnp
     import jax_triton as jt
 
     n = positions.shape[0]
     pbc = tuple(bool(p) for p in pbc)
-    cap = int(capacity)
     i32 = jnp.int32
-    if n == 0:
-        return (jnp.zeros(cap, i32), jnp.zeros(cap, i32), jnp.zeros((cap, 3), i32),
-                jnp.asarray(0, i32), jnp.asarray(False))
-    rr = float(r_cut) * _BIN_SAFETY
     xs, ks, perm, binof, cstart, ok = _plan_jax(positions, basis.astype(positions.dtype),
-                                                pbc, rr, grid)
+                                                pbc, float(r_cut) * _BIN_SAFETY, grid)
     geom = jnp.concatenate([basis.astype(xs.dtype).ravel(),
                             jnp.full((1,), float(r_cut) ** 2, xs.dtype)])
     scal = _scalars(grid, pbc)
@@ -445,18 +457,28 @@ def count_and_fill_jax(positions, basis, pbc, r_cut, capacity: int, grid, *,
                             out_shape=jax.ShapeDtypeStruct((n,), i32), grid=(n,),
                             num_warps=num_warps, BLOCK=block)
     offsets = jnp.concatenate([jnp.zeros(1, i32), jnp.cumsum(counts, dtype=i32)])
-    total = offsets[-1]
+    return (ins, geom, scal, block, num_warps), offsets, ok
+
+
+def _fill_jax(launch, offsets, n, cap):
+    """Fill pass into ``cap`` rows: (centers, neighbors, shifts), padding from the count."""
+    import jax
+    import jax.numpy as jnp
+    import jax_triton as jt
+
+    i32 = jnp.int32
     if cap == 0:
-        return (jnp.zeros(0, i32), jnp.zeros(0, i32), jnp.zeros((0, 3), i32), total, ~ok)
+        return jnp.zeros(0, i32), jnp.zeros(0, i32), jnp.zeros((0, 3), i32)
+    ins, geom, scal, block, num_warps = launch
     ci, cj, cs = jt.triton_call(
         *ins, offsets, geom, *scal, cap, kernel=_nl_fill_kernel,
         out_shape=(jax.ShapeDtypeStruct((cap,), i32), jax.ShapeDtypeStruct((cap,), i32),
                    jax.ShapeDtypeStruct((cap, 3), i32)),
         grid=(n,), num_warps=num_warps, BLOCK=block)
     # rows past the count are never written (outputs start uninitialised)
-    valid = jnp.arange(cap, dtype=i32) < total
+    valid = jnp.arange(cap, dtype=i32) < offsets[-1]
     return (jnp.where(valid, ci, n), jnp.where(valid, cj, n),
-            jnp.where(valid[:, None], cs, 0), total, ~ok)
+            jnp.where(valid[:, None], cs, 0))
 
 
 def neighbor_pairs_jax(positions, cell, pbc, r_cut, *, block: int = 32, num_warps: int = 1):
@@ -473,17 +495,15 @@ def neighbor_pairs_jax(positions, cell, pbc, r_cut, *, block: int = 32, num_warp
         raise ValueError(_ERR_MESSAGES[ERR_NONFINITE])
     pbc = tuple(bool(p) for p in pbc)
     # raises on a bad cell; the margin only absorbs rounding between host and jnp widths
-    grid = bin_grid(positions, cell, pbc, r_cut, margin=1.0 + 1e-6)
-    M = _basis(np.ascontiguousarray(cell), np.asarray(pbc))[1]
-    empty = np.zeros(0, np.int32)
+    grid, M = _grid_and_basis(positions, cell, pbc, r_cut, 1.0 + 1e-6)
     if len(positions) == 0:
+        empty = np.zeros(0, np.int32)
         return empty, empty, np.zeros((0, 3), np.int32)
     with jax.enable_x64(True):  # exact float64 decisions, as the other backends
-        x, m = jnp.asarray(positions), jnp.asarray(M)
-        total = int(count_and_fill_jax(x, m, pbc, r_cut, 0, grid, block=block,
-                                       num_warps=num_warps)[3])
-        ci, cj, cs, _, bad = count_and_fill_jax(x, m, pbc, r_cut, total, grid, block=block,
-                                                num_warps=num_warps)
-        if bool(bad):  # inputs were checked above: this is a bug, not bad input
+        launch, offsets, ok = _count_jax(jnp.asarray(positions), jnp.asarray(M), pbc, r_cut,
+                                         grid, block, num_warps)
+        if not bool(ok):  # inputs were checked above: this is a bug, not bad input
             raise RuntimeError("the Triton neighbour build rejected its own bin grid")
+        # one count pass: the exact size is known before the fill
+        ci, cj, cs = _fill_jax(launch, offsets, len(positions), int(offsets[-1]))
         return np.asarray(ci), np.asarray(cj), np.asarray(cs)
