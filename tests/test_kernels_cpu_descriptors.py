@@ -300,6 +300,38 @@ def test_block_boundaries():
     check_all(spec, d, centers, species, n_atoms, {np.float64: 1e-10})
 
 
+@pytest.mark.parametrize("n_species", [1, 6, 7])
+def test_lanes_over_chunks(n_species):
+    """Several work items of K._W centres, pair counts from 0 to ~3 rows of blocks (groups of
+    lanes whose rows straddle blocks), species counts of each specialised vector path (S = 1,
+    the largest, 6) and of the generic one (S = 7)."""
+    rng = np.random.default_rng(11 + n_species)
+    spec = DescriptorSpec(n_species=n_species, r_cut=3.0, n_max=2)
+    n_atoms = 2 * K._W + 37
+    counts = rng.integers(0, 40, n_atoms)
+    counts[rng.choice(n_atoms, 9, replace=False)] = 0
+    centers = np.repeat(np.arange(n_atoms), counts).astype(np.int32)
+    u = rng.normal(size=(len(centers), 3))
+    d = u / np.linalg.norm(u, axis=1, keepdims=True) * rng.uniform(0.05, 3.4, (len(centers), 1))
+    species = rng.integers(0, n_species, len(centers)).astype(np.int32)
+    check_all(spec, d, centers, species, n_atoms, {np.float64: 1e-10, np.float32: 1e-5})
+
+
+def test_jvp_ignores_tangents_of_inactive_pairs():
+    """A non-finite tangent on a pair beyond r_cut (or of an unknown species) changes nothing."""
+    tables = K.make_tables(2, 3.0, 2, np.float64)
+    d = np.array([[1.0, 0.5, 0.2], [0.3, -1.0, 0.4], [3.5, 0.0, 0.0], [0.2, 0.2, 0.2]])
+    species = np.array([0, 1, 0, 9], np.int32)
+    offsets = np.array([0, 4], np.int32)
+    _, A = run_forward(d, offsets, species, tables)
+    tangent = np.ones_like(d)
+    ref = run_jvp(d, offsets, species, tables, A, tangent)
+    tangent[2:] = np.nan
+    out = run_jvp(d, offsets, species, tables, A, tangent)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_no_pairs_and_garbage_offsets():
     """Centres without pairs give zeros; offsets outside [0, P] are clamped; unknown species ignored."""
     tables = K.make_tables(2, 3.0, 2, np.float64)
