@@ -18,9 +18,10 @@ own inputs, then its outputs:
     descriptors_fwd(displacements, offsets, neighbor_species, *tables,
                     X, A)
         X (N, n_features): the power spectrum p^{ab}_{nl} (a <= b pair-major, nl-minor)
-        A (N, S, n_nlm):   the density coefficients A^a_{nlm}, nlm in the order of
-                           DescriptorSpec.nlm_tables() (l-major (n,l), then m = -l..l);
-                           equal to descriptors.density_coefficients.
+        A (N, S, n_nlm):   the residual: the density coefficients A^a_{nlm} (nlm in the
+                           order of DescriptorSpec.nlm_tables(): l-major (n,l), then
+                           m = -l..l), laid out lane-major per work item (see "Residual";
+                           density_from_residual gives descriptors.density_coefficients).
     descriptors_vjp(displacements, offsets, neighbor_species, *tables, A, X_bar,
                     d_bar)
         d_bar (P, 3) = d/d(displacements) of sum(X_bar * X); zero on rows outside every
@@ -34,7 +35,11 @@ All float arrays of one call share the displacements' dtype (float32 or float64)
 the radial tables (1-4), which are float64 for both.
 
 Residual: A (N, S, n_nlm), written by the forward pass and read by both derivative
-kernels.  It is O(N) memory (55 numbers per species per atom for n_max = 4).  The
+kernels.  It is stored as the kernels use it: work item ch (centres c0 = 64 ch ..
+c0 + nc - 1) owns the flat stretch from c0 S n_nlm, holding A^s_q of its lane k (the
+centre c0 + order[k], order from the pair counts, see _chunk_lanes) at
+(s n_nlm + q) nc + k; no transposition in either pass.  It is O(N) memory (55 numbers
+per species per atom for n_max = 4).  The
 per-pair derivative tensor dA/dd would be O(P * n_nlm * 3) (about 50x larger, and
 streaming it would cost more than recomputing it); the vjp/jvp recompute the per-pair
 radial and angular functions and their derivatives from the displacements instead.
@@ -96,8 +101,8 @@ from numba import literally, njit, prange
 from .simd import lanes_gather, lanes_scatter
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
-           "n_nlm_of", "offsets_from_centers", "flop_counts", "flop_counts_of", "forward", "vjp",
-           "jvp"]
+           "n_nlm_of", "offsets_from_centers", "density_from_residual", "flop_counts",
+           "flop_counts_of", "forward", "vjp", "jvp"]
 
 # contract: allow FMA contraction (more accurate, not less); no reassociation, no finite-math.
 _JIT = dict(cache=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
@@ -1179,24 +1184,104 @@ def _species_pairs(pair_index):
 
 
 @njit(**_JIT)
-def _transpose_in(A, order, c0, nc, At):
+def _residual_out(At, c0, nc, A):
+    """The work item's At (lanes k < nc) into its stretch of the residual, lane-major:
+    flat A[c0 S n_nlm + (s n_nlm + q) nc + k] = At[s, q, k] (see "Residual")."""
     S = At.shape[0]
     n_nlm = At.shape[1]
-    for a in range(S):
+    Af = A.reshape(A.size)
+    base = c0 * S * n_nlm
+    for s in range(S):
         for q in range(n_nlm):
-            for k in range(nc):
-                At[a, q, k] = A[c0 + order[k], a, q]
+            o = base + (s * n_nlm + q) * nc
+            if nc == _W:
+                for k in range(_W):
+                    Af[o + k] = At[s, q, k]
+            else:
+                for k in range(nc):
+                    Af[o + k] = At[s, q, k]
 
 
 @njit(**_JIT)
-def _transpose_out(At, order, c0, nc, A):
+def _residual_in(A, c0, nc, At):
+    """The inverse of _residual_out (lanes k >= nc of At are left as they are)."""
     S = At.shape[0]
     n_nlm = At.shape[1]
+    Af = A.reshape(A.size)
+    base = c0 * S * n_nlm
+    for s in range(S):
+        for q in range(n_nlm):
+            o = base + (s * n_nlm + q) * nc
+            if nc == _W:
+                for k in range(_W):
+                    At[s, q, k] = Af[o + k]
+            else:
+                for k in range(nc):
+                    At[s, q, k] = Af[o + k]
+
+
+@njit(**_JIT)
+def _rows_to_lanes(X, order, c0, nc, Xt):
+    """Xt[f, k] = X[c0 + order[k], f] for the work item's lanes k < nc, 0 above."""
+    F = X.shape[1]
+    for f in range(F):
+        for k in range(nc, _W):
+            Xt[f, k] = 0.0
     for k in range(nc):
         i = c0 + order[k]
-        for a in range(S):
+        for f in range(F):
+            Xt[f, k] = X[i, f]
+
+
+@njit(**_JIT)
+def _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT):
+    """AbT[a, q, k] = sum_b w_ab Xbar^{(ab)}_{col(q)} A^b_q (w = 2 for a = b:
+    X^{aa} = sum A^a A^a), vectorised over the 64 lanes."""
+    n_nlm = At.shape[1]
+    for a in range(At.shape[0]):
+        for q in range(n_nlm):
+            for k in range(_W):
+                AbT[a, q, k] = 0.0
+    for pb in range(ia.shape[0]):
+        a = ia[pb]
+        b = ib[pb]
+        for q in range(n_nlm):
+            f = pb * n_nl + col[q]
+            if a == b:
+                for k in range(_W):
+                    AbT[a, q, k] += two * Xbt[f, k] * At[a, q, k]
+            else:
+                for k in range(_W):
+                    x = Xbt[f, k]
+                    AbT[a, q, k] += x * At[b, q, k]
+                    AbT[b, q, k] += x * At[a, q, k]
+
+
+def density_from_residual(A, offsets, n_pairs):
+    """The density coefficients (N, S, n_nlm), per centre, from the forward kernel's
+    residual A (same shape, lane-major per work item; see "Residual") of a call with
+    these offsets and ``n_pairs`` pairs."""
+    A = np.ascontiguousarray(A)
+    out = np.empty_like(A)
+    _unpermute(A, np.asarray(offsets), n_pairs, out)
+    return out
+
+
+@njit(**_JIT)
+def _unpermute(A, offsets, P, out):
+    N, S, n_nlm = A.shape
+    Af = A.reshape(A.size)
+    beg = np.empty(_W, np.int64)
+    cnt = np.empty(_W, np.int64)
+    order = np.empty(_W, np.int64)
+    for c0 in range(0, N, _W):
+        nc = min(N, c0 + _W) - c0
+        _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
+        base = c0 * S * n_nlm
+        for s in range(S):
             for q in range(n_nlm):
-                A[i, a, q] = At[a, q, k]
+                for k in range(nc):
+                    out[c0 + order[k], s, q] = Af[base + (s * n_nlm + q) * nc + k]
 
 
 @njit(**_JIT)
@@ -1233,28 +1318,6 @@ def _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, order, c0, 
             f = pb * n_nl + c
             for k in range(nc):
                 X_dot[c0 + order[k], f] = acc[k]
-
-
-@njit(**_JIT)
-def _abar(A, X_bar, i, k, pair_index, n_nl, col, two, xq, Abar):
-    """Abar[k, a] = sum_b w_ab Xbar^{(ab)} A^b (w = 2 for a = b: X^{aa} = sum A^a A^a)."""
-    S = pair_index.shape[0]
-    n_nlm = A.shape[2]
-    for a in range(S):
-        for q in range(n_nlm):
-            Abar[k, a, q] = 0.0
-    for a in range(S):
-        for bb in range(a, S):
-            base = pair_index[a, bb] * n_nl
-            for q in range(n_nlm):
-                xq[q] = X_bar[i, base + col[q]]
-            if a == bb:
-                for q in range(n_nlm):
-                    Abar[k, a, q] += two * xq[q] * A[i, a, q]
-            else:
-                for q in range(n_nlm):
-                    Abar[k, a, q] += xq[q] * A[i, bb, q]
-                    Abar[k, bb, q] += xq[q] * A[i, a, q]
 
 
 # ---------------------------------------------------------------------------
@@ -1349,7 +1412,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             _species_masks(valid, spc, one, zero, M)
             _scatter_rows(C, M, rowg, Mg, At)
         _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, order, c0, nc, X)
-        _transpose_out(At, order, c0, nc, A)
+        _residual_out(At, c0, nc, A)
 
 
 @njit(parallel=True, **_JIT)
@@ -1369,6 +1432,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     two = consts[_C_TWO]
     _zero_uncovered(offsets, N, P, d_bar)
     col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
     for ch in prange(n_chunks):
@@ -1423,15 +1487,12 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
         t = np.empty(_B, dt)
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
-        xq = np.empty(n_nlm, dt)
-        Abar = np.empty((_W, S, n_nlm), dt)
-        for k in range(nc):
-            _abar(A, X_bar, c0 + order[k], k, pair_index, n_nl, col, two, xq, Abar)
-        AbT = np.zeros((S, n_nlm, _W), dt)  # A_bar of the chunk's lanes, centre-minor
-        for a in range(S):
-            for q in range(n_nlm):
-                for k in range(nc):
-                    AbT[a, q, k] = Abar[k, a, q]
+        At = np.zeros((S, n_nlm, _W), dt)
+        _residual_in(A, c0, nc, At)
+        Xbt = np.empty((X_bar.shape[1], _W), dt)
+        _rows_to_lanes(X_bar, order, c0, nc, Xbt)
+        AbT = np.empty((S, n_nlm, _W), dt)  # A_bar of the chunk's lanes, centre-minor
+        _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT)
         gc = 0
         jc = 0
         for _ in range(n_blocks):
@@ -1558,7 +1619,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         acc = np.empty(_W, dt)
         At = np.zeros((S, n_nlm, _W), dt)
         Adt = np.zeros((S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
-        _transpose_in(A, order, c0, nc, At)
+        _residual_in(A, c0, nc, At)
         gc = 0
         jc = 0
         for _ in range(n_blocks):
