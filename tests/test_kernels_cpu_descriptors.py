@@ -411,3 +411,33 @@ def test_empty_inputs():
     assert np.all(X == 0.0) and np.all(A == 0.0)
     t = run_jvp(d0, offsets, np.zeros(0, np.int32), tables, A, d0)
     assert np.all(t == 0.0)
+
+
+def test_unrolled_ylm_is_generated_and_bitwise_equal():
+    """ylm_unrolled.py is what its generator writes now (with descriptors.py's constants),
+    and each unrolled Y_lm / gradient equals _ylm_block's bit for bit."""
+    from neuralil_fast.kernels.cpu import gen_ylm_unrolled as gen
+    from neuralil_fast.kernels.cpu import ylm_unrolled
+
+    assert (gen.B, gen.C_ZERO, gen.JIT) == (K._B, K._C_ZERO, K._JIT)
+    with open(gen.TARGET) as f:
+        assert f.read() == gen.source(), "run python -m neuralil_fast.kernels.cpu.gen_ylm_unrolled"
+    rng = np.random.default_rng(2)
+    for L, fn in ylm_unrolled.BY_L.items():
+        for dtype in (np.float32, np.float64):
+            tables = K.make_tables(L - 1, 3.0, 1, dtype)
+            consts, ylm = tables[0], tables[5]
+            u = rng.normal(size=(3, K._B))
+            u /= np.linalg.norm(u, axis=0)
+            u[:, 0] = (0.0, 0.0, 1.0)
+            ux, uy, uz = (np.ascontiguousarray(v, dtype) for v in u)
+            scratch = [np.empty((L, K._B), dtype) for _ in range(2)]
+            scratch += [np.empty(K._B, dtype) for _ in range(4)]
+            for deriv in (False, True):
+                want = (np.full((L * L, K._B), np.nan, dtype), np.full((3, L * L, K._B), np.nan, dtype))
+                got = (np.full_like(want[0], np.nan), np.full_like(want[1], np.nan))
+                K._ylm_block(ux, uy, uz, consts, ylm, deriv, *scratch, *want)
+                fn(ux, uy, uz, consts, ylm, deriv, *got)
+                np.testing.assert_array_equal(got[0], want[0])
+                if deriv:
+                    np.testing.assert_array_equal(got[1], want[1])

@@ -99,6 +99,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .simd import lanes_gather, lanes_scatter
+from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
            "n_nlm_of", "offsets_from_centers", "density_from_residual", "flop_counts",
@@ -839,6 +840,27 @@ def _ylm_block(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY):
 
 
 @njit(**_JIT)
+def _ylm(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY):
+    """_ylm_block, through its unrolled twin (ylm_unrolled.py: one vectorised loop over
+    the slots, intermediates in registers, bitwise the same) where one exists."""
+    L = ylm.shape[0]
+    if L == 5:
+        ylm_5(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    elif L == 4:
+        ylm_4(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    elif L == 6:
+        ylm_6(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    elif L == 3:
+        ylm_3(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    elif L == 2:
+        ylm_2(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    elif L == 1:
+        ylm_1(ux, uy, uz, consts, ylm, deriv, Y, dY)
+    else:
+        _ylm_block(ux, uy, uz, consts, ylm, deriv, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+
+
+@njit(**_JIT)
 def _t_and_g_l(nn, l, q0, c0, Ab, g, dg, Y, t, G):
     """One l: G[lm] = sum_n Ab[q] g[c], t += Y[lm] sum_n Ab[q] dg[c] over its nn columns
     c = c0 + n (rows q = q0 + n (2l+1) + m).  ``nn`` is a literal: the sums over n stay in
@@ -1402,7 +1424,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             else:
                 _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
                               ja, jb, inv, g0, jv, djv, g, g)
-            _ylm_block(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            _ylm(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # contributions g_nl Y_lm, vectorised over slots, then added lane-wise
             for q in range(n_nlm):
                 c = col[q]
@@ -1505,7 +1527,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
             else:
                 _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
                               ja, jb, inv, g0, jv, djv, g, dg)
-            _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # each slot's A_bar row (its centre's lane, its species); zero for invalid slots
             _species_masks(valid, spc, one, zero, M)
             _gather_lanes(AbT, M, rowg, Mg, Ab)
@@ -1632,7 +1654,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
             else:
                 _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
                               ja, jb, inv, g0, jv, djv, g, dg)
-            _ylm_block(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+            _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # tangents of invalid slots are never read (a non-finite one must not reach A_dot)
             for b in range(_B):
                 p = pidx[b]

@@ -1,0 +1,122 @@
+"""Writes ``ylm_unrolled.py``: Y_lm (and its gradient) of a block's unit vectors as one
+straight-line loop over the 64 slots per l_max.
+
+``descriptors._ylm_block`` builds Y_lm column by column, one loop over the slots per
+(l, m), through scratch arrays: about 30 cycles per slot in the forward pass and 60 with
+the gradient, memory-bound.  With every (l, m) written out, the loop over slots keeps all
+the intermediates in registers and LLVM vectorises it (it does not fully unroll nested
+loops over l and m itself).  Same recurrences, same operation order, so the results are
+bitwise the same as ``_ylm_block``'s (a test checks).
+
+Run ``python -m neuralil_fast.kernels.cpu.gen_ylm_unrolled`` after changing it;
+tests/test_kernels_cpu_descriptors.py checks that the file is up to date.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+L_MAX_UNROLLED = 6  # L = l_max + 1 = 1 .. 6 (n_max 0 .. 5); larger L: _ylm_block
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = os.path.join(HERE, "ylm_unrolled.py")
+
+
+def _body(L, deriv):
+    """Lines of the loop body for one slot b (x, y, z loaded)."""
+    out = []
+    for m in range(1, L):
+        cp, sp = ("one", "zero") if m == 1 else (f"c{m - 1}", f"s{m - 1}")
+        out += [f"c{m} = x * {cp} - y * {sp}", f"s{m} = x * {sp} + y * {cp}"]
+    for m in range(L):
+        for l in range(m, L):
+            q, dq = f"q{l}_{m}", f"dq{l}_{m}"
+            if l == m:
+                out += [f"{q} = qmm{m}"]
+                if deriv:
+                    out += [f"{dq} = zero"]
+            elif l == m + 1:
+                out += [f"{q} = cz{m} * z"]
+                if deriv:
+                    out += [f"{dq} = cz{m}"]
+            else:
+                q1, q2 = f"q{l - 1}_{m}", f"q{l - 2}_{m}"
+                out += [f"{q} = a1_{l}_{m} * z * {q1} - a2_{l}_{m} * {q2}"]
+                if deriv:
+                    out += [f"{dq} = a1_{l}_{m} * ({q1} + z * dq{l - 1}_{m}) - a2_{l}_{m} * dq{l - 2}_{m}"]
+            i0 = l * l + l
+            if m == 0:
+                out += [f"Y[{i0}, b] = n{l}_0 * {q}"]
+                if deriv:
+                    out += [f"dY[0, {i0}, b] = zero", f"dY[1, {i0}, b] = zero",
+                            f"dY[2, {i0}, b] = n{l}_0 * {dq}"]
+            else:
+                cm, sm = f"c{m}", f"s{m}"
+                cp, sp = ("one", "zero") if m == 1 else (f"c{m - 1}", f"s{m - 1}")
+                out += [f"nq = n{l}_{m} * {q}", f"Y[{i0 + m}, b] = nq * {cm}",
+                        f"Y[{i0 - m}, b] = nq * {sm}"]
+                if deriv:
+                    out += [f"nqm = nq * f{m}", f"ndq = n{l}_{m} * {dq}",
+                            f"dY[0, {i0 + m}, b] = nqm * {cp}", f"dY[1, {i0 + m}, b] = -nqm * {sp}",
+                            f"dY[2, {i0 + m}, b] = ndq * {cm}", f"dY[0, {i0 - m}, b] = nqm * {sp}",
+                            f"dY[1, {i0 - m}, b] = nqm * {cp}", f"dY[2, {i0 - m}, b] = ndq * {sm}"]
+    return out
+
+
+def _flat(line, L, B):
+    """Y[i, b] -> Yf[i B + b], dY[c, i, b] -> dYf[(c L^2 + i) B + b]."""
+    line = re.sub(r"\bdY\[(\d+), (\d+), b\]",
+                  lambda m: f"dYf[{(int(m[1]) * L * L + int(m[2])) * B} + b]", line)
+    return re.sub(r"\bY\[(\d+), b\]", lambda m: f"Yf[{int(m[1]) * B} + b]", line)
+
+
+def _function(L, C0, B):
+    ind = " " * 4
+    lines = ["@njit(**_JIT)", f"def ylm_{L}(ux, uy, uz, consts, ylm, deriv, Y, dY):",
+             ind + f"one = consts[{C0 + 1}]", ind + f"zero = consts[{C0}]"]
+    # the constants of _ylm_block, as scalars (loop-invariant registers)
+    for m in range(L):
+        if m == 0:
+            lines += [ind + "qmm0 = one"]
+        else:
+            lines += [ind + f"qmm{m} = qmm{m - 1} * consts[{C0 + 2 * m - 1}]",
+                      ind + f"f{m} = consts[{C0 + m}]"]
+        if m + 1 < L:
+            lines += [ind + f"cz{m} = consts[{C0 + 2 * m + 1}] * qmm{m}"]
+        for l in range(m, L):
+            lines += [ind + f"n{l}_{m} = ylm[{l}, {m}, 0]"]
+            if l >= m + 2:
+                lines += [ind + f"a1_{l}_{m} = ylm[{l}, {m}, 1]", ind + f"a2_{l}_{m} = ylm[{l}, {m}, 2]"]
+    # flat views: every store then has one base and a constant offset, so LLVM needs only a
+    # few runtime alias checks to vectorise the loop (one per row: too many, it gives up)
+    lines += [ind + "Yf = Y.reshape(Y.size)", ind + "dYf = dY.reshape(dY.size)"]
+    for deriv, head in ((True, "if deriv:"), (False, "else:")):
+        lines += [ind + head, ind * 2 + f"for b in range({B}):",
+                  ind * 3 + "x = ux[b]", ind * 3 + "y = uy[b]", ind * 3 + "z = uz[b]"]
+        lines += [ind * 3 + _flat(s, L, B) for s in _body(L, deriv)]
+    return lines
+
+
+# descriptors.py's _B, _C_ZERO (consts[_C_ZERO + k] = k) and _JIT (a test checks them)
+B = 64
+C_ZERO = 1
+JIT = dict(cache=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+
+
+def source():
+    lines = ['"""Generated by gen_ylm_unrolled.py (do not edit): Y_lm of a block of '
+             f'{B} slots,', 'unrolled per L = l_max + 1 (ylm_L, the arguments of '
+             'descriptors._ylm_block less its scratch)."""',
+             "# flake8: noqa", "from numba import njit", "",
+             f"_JIT = {JIT!r}"]
+    for L in range(1, L_MAX_UNROLLED + 1):
+        lines += ["", ""] + _function(L, C_ZERO, B)
+    lines += ["", "", "BY_L = {" + ", ".join(f"{L}: ylm_{L}" for L in range(1, L_MAX_UNROLLED + 1))
+              + "}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    text = source()
+    with open(TARGET, "w") as f:
+        f.write(text)
+    print(f"wrote {TARGET}")
