@@ -688,7 +688,8 @@ def _cheb(D, x, cf, zero, scale, out, c):
         b1 = top
         b2 = zero
         for k in range(D - 1, 0, -1):
-            b0 = t2 * b1 - b2 + cf[k]
+            # cf[k] - b2 is off the recurrence's critical path: one FMA latency per step
+            b0 = t2 * b1 + (cf[k] - b2)
             b2 = b1
             b1 = b0
         out[c, b] = (t * b1 - b2 + cf[0]) * scale[b]
