@@ -994,6 +994,21 @@ def _chunk_groups(order, cnt, nc, gmax):
 
 
 @njit(**_JIT)
+def _chunk_plan(offsets, c0, N, P):
+    """Work item c0 .. c0 + nc - 1 (at most _W centres): (nc, beg, cnt, order, gmax,
+    n_blocks), the lanes of _chunk_lanes and _chunk_groups and its number of blocks (one
+    plan for all three kernels: the residual's layout depends on it)."""
+    nc = min(N, c0 + _W) - c0
+    beg = np.empty(_W, np.int64)
+    cnt = np.empty(_W, np.int64)
+    order = np.empty(_W, np.int64)
+    _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
+    gmax = np.empty(_W // _G, np.int64)
+    n_blocks = (_chunk_groups(order, cnt, nc, gmax) + _R - 1) // _R
+    return nc, beg, cnt, order, gmax, n_blocks
+
+
+@njit(**_JIT)
 def _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax, g, j,
                  ux, uy, uz, spc, pidx, rowg):
     """The next _R rows of the chunk into the block: row (g, j) holds pair j of the _G
@@ -1038,10 +1053,13 @@ def _species_masks(valid, spc, one, zero, M):
 
 
 @njit(**_JIT)
-def _row_mask(M, rowg, rr, Mg):
-    """Mg = M on the rows of the block's run of rows starting at rr (same group), 0 on the
-    others.  Returns the end of the run."""
+def _next_run(M, rowg, rr, Mg):
+    """The block's run of rows from rr that belong to one group (rowg[rr] >= 0): returns
+    (its first lane o, the row after it, its masks): M itself when the run is the whole
+    block, else Mg = M on the run's rows and 0 on the others."""
     g = rowg[rr]
+    if rr == 0 and rowg[_R - 1] == g:
+        return g * _G, _R, M
     e = rr + 1
     while e < _R and rowg[e] == g:
         e += 1
@@ -1049,7 +1067,7 @@ def _row_mask(M, rowg, rr, Mg):
     for s in range(M.shape[0]):
         for b in range(_B):
             Mg[s, b] = M[s, b] if rr * _G <= b < e * _G else zero
-    return e
+    return g * _G, e, Mg
 
 
 @njit(**_JIT)
@@ -1057,17 +1075,8 @@ def _scatter_rows(C, M, rowg, Mg, At):
     """At[s, q, g _G + lane] += C[q, b] for the valid slots b = rr _G + lane of species s
     in rows rr of group g: per (q, s) one masked 16-lane FMA per row (simd.lanes_scatter)."""
     rr = 0
-    while rr < _R:
-        if rowg[rr] < 0:
-            rr += 1
-            continue
-        o = rowg[rr] * _G
-        if rr == 0 and rowg[_R - 1] == rowg[0]:
-            src = M
-            rr = _R
-        else:
-            rr = _row_mask(M, rowg, rr, Mg)
-            src = Mg
+    while rr < _R and rowg[rr] >= 0:  # rows without a group (-1) only end a block
+        o, rr, src = _next_run(M, rowg, rr, Mg)
         _lanes_scatter(C, src, o, At)
 
 
@@ -1100,18 +1109,9 @@ def _gather_lanes(AbT, M, rowg, Mg, Ab):
     0 for the others (the transpose of _scatter_rows)."""
     rr = 0
     first = True
-    while rr < _R:
-        if rowg[rr] < 0:
-            rr += 1
-            continue
-        o = rowg[rr] * _G
-        if rr == 0 and rowg[_R - 1] == rowg[0]:
-            src = M
-            rr = _R
-        else:
-            rr = _row_mask(M, rowg, rr, Mg)
-            src = Mg
-        _lanes_gather(AbT, src, o, first, Ab)
+    while rr < _R and rowg[rr] >= 0:  # rows without a group (-1) only end a block
+        o, rr, src = _next_run(M, rowg, rr, Mg)
+        _lanes_gather(AbT, src, o, not first, Ab)
         first = False
     if first:
         for q in range(Ab.shape[0]):
@@ -1120,44 +1120,26 @@ def _gather_lanes(AbT, M, rowg, Mg, Ab):
 
 
 @njit(**_JIT)
-def _lanes_gather(AbT, M, o, first, Ab):
+def _lanes_gather(AbT, M, o, accumulate, Ab):
     S = AbT.shape[0]
     if S == 1:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 1, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 1, True)
+        lanes_gather(AbT, o, M, Ab, 1, accumulate)
     elif S == 2:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 2, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 2, True)
+        lanes_gather(AbT, o, M, Ab, 2, accumulate)
     elif S == 3:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 3, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 3, True)
+        lanes_gather(AbT, o, M, Ab, 3, accumulate)
     elif S == 4:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 4, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 4, True)
+        lanes_gather(AbT, o, M, Ab, 4, accumulate)
     elif S == 5:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 5, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 5, True)
+        lanes_gather(AbT, o, M, Ab, 5, accumulate)
     elif S == 6:
-        if first:
-            lanes_gather(AbT, o, M, Ab, 6, False)
-        else:
-            lanes_gather(AbT, o, M, Ab, 6, True)
+        lanes_gather(AbT, o, M, Ab, 6, accumulate)
     else:
         for q in range(AbT.shape[1]):
             for rr in range(_R):
                 for lane in range(_G):
                     b = rr * _G + lane
-                    v = Ab[q, b] if not first else AbT.dtype.type(0.0)
+                    v = Ab[q, b] if accumulate else AbT.dtype.type(0.0)
                     for s in range(S):
                         v += M[s, b] * AbT[s, q, o + lane]
                     Ab[q, b] = v
@@ -1367,13 +1349,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     n_chunks = (N + _W - 1) // _W
     for ch in prange(n_chunks):
         c0 = ch * _W
-        nc = min(N, c0 + _W) - c0
-        beg = np.empty(_W, np.int64)
-        cnt = np.empty(_W, np.int64)
-        order = np.empty(_W, np.int64)
-        _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
-        gmax = np.empty(_W // _G, np.int64)
-        n_blocks = (_chunk_groups(order, cnt, nc, gmax) + _R - 1) // _R
+        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)
@@ -1460,13 +1436,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     n_chunks = (N + _W - 1) // _W
     for ch in prange(n_chunks):
         c0 = ch * _W
-        nc = min(N, c0 + _W) - c0
-        beg = np.empty(_W, np.int64)
-        cnt = np.empty(_W, np.int64)
-        order = np.empty(_W, np.int64)
-        _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
-        gmax = np.empty(_W // _G, np.int64)
-        n_blocks = (_chunk_groups(order, cnt, nc, gmax) + _R - 1) // _R
+        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)
@@ -1589,13 +1559,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     n_chunks = (N + _W - 1) // _W
     for ch in prange(n_chunks):
         c0 = ch * _W
-        nc = min(N, c0 + _W) - c0
-        beg = np.empty(_W, np.int64)
-        cnt = np.empty(_W, np.int64)
-        order = np.empty(_W, np.int64)
-        _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
-        gmax = np.empty(_W // _G, np.int64)
-        n_blocks = (_chunk_groups(order, cnt, nc, gmax) + _R - 1) // _R
+        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)

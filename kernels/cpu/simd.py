@@ -14,6 +14,8 @@ guarantee them).  ``S`` must be an integer literal (the kernels dispatch on it).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -23,15 +25,18 @@ W = 16  # lanes
 ROWS = 4  # rows of a 64-slot block
 
 
-def _setup(context, builder, sig, args):
+def _setup(context, builder, sig, args, lanes, masks, n_s):
+    """Codegen state shared by the intrinsics: ``lanes`` and ``masks`` are the argument
+    positions of the (S, n_nlm, width) lane array and of the (S, 64) masks, argument 1 the
+    lane offset o.  The masks' S x ROWS vectors are loaded here, before any loop."""
     arys = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
             for t, a in zip(sig.args, args)]
-    dtype = next(t.dtype for t in sig.args if isinstance(t, types.Array))
-    elem = context.get_value_type(dtype)
+    elem = context.get_value_type(sig.args[lanes].dtype)
     vec = ir.VectorType(elem, W)
     size = context.get_abi_sizeof(elem)
     name = "llvm.fma.v%df%d" % (W, 8 * size)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+    intp = context.get_value_type(types.intp)
 
     def ptr(ary, off):
         return builder.bitcast(builder.gep(ary.data, [off]), vec.as_pointer())
@@ -42,7 +47,16 @@ def _setup(context, builder, sig, args):
     def store(val, ary, off):
         builder.store(val, ptr(ary, off), align=size)
 
-    return arys, vec, fma, load, store
+    def const(v):
+        return ir.Constant(intp, v)
+
+    _, n_nlm, width = cgutils.unpack_tuple(builder, arys[lanes].shape, 3)
+    o = args[1] if args[1].type == intp else builder.sext(args[1], intp)
+    m = arys[masks]
+    mv = [[load(m, const(s * W * ROWS + r * W)) for r in range(ROWS)] for s in range(n_s)]
+    return SimpleNamespace(arys=arys, vec=vec, fma=fma, load=load, store=store, const=const,
+                           n_nlm=n_nlm, width=width, o=o, mv=mv,
+                           plane=builder.mul(n_nlm, width))
 
 
 def _check(arrays, S):
@@ -64,23 +78,20 @@ def lanes_scatter(typingctx, At, o, C, M, S):
     sig = types.void(At, o, C, M, S)
 
     def codegen(context, builder, signature, args):
-        (at, _, c, m, _), vec, fma, load, store = _setup(context, builder, signature, args)
-        intp = context.get_value_type(types.intp)
-        i = lambda v: ir.Constant(intp, v)  # noqa: E731
-        _, n_nlm, width = cgutils.unpack_tuple(builder, at.shape, 3)
-        off0 = builder.sext(args[1], intp) if args[1].type != intp else args[1]
-        mv = [[load(m, i(s * W * ROWS + r * W)) for r in range(ROWS)] for s in range(n_s)]
-        plane = builder.mul(n_nlm, width)
-        with cgutils.for_range(builder, n_nlm) as loop:
+        g = _setup(context, builder, signature, args, 0, 3, n_s)
+        at, c = g.arys[0], g.arys[2]
+        i = g.const
+        with cgutils.for_range(builder, g.n_nlm) as loop:
             q = loop.index
-            cv = [load(c, builder.add(builder.mul(q, i(W * ROWS)), i(r * W))) for r in range(ROWS)]
-            row = builder.add(builder.mul(q, width), off0)
+            cv = [g.load(c, builder.add(builder.mul(q, i(W * ROWS)), i(r * W)))
+                  for r in range(ROWS)]
+            row = builder.add(builder.mul(q, g.width), g.o)
             for s in range(n_s):
-                off = builder.add(builder.mul(i(s), plane), row)
-                acc = load(at, off)
+                off = builder.add(builder.mul(i(s), g.plane), row)
+                acc = g.load(at, off)
                 for r in range(ROWS):
-                    acc = builder.call(fma, [cv[r], mv[s][r], acc])
-                store(acc, at, off)
+                    acc = builder.call(g.fma, [cv[r], g.mv[s][r], acc])
+                g.store(acc, at, off)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -90,31 +101,28 @@ def lanes_scatter(typingctx, At, o, C, M, S):
 def lanes_gather(typingctx, AbT, o, M, Ab, S, accumulate):
     """Ab[q, 16r:16r+16] (+)= sum_s M[s, 16r:16r+16] * AbT[s, q, o:o+16] for every q, r.
 
-    AbT (S, n_nlm, width); M (S, 64); Ab (n_nlm, 64); ``accumulate`` a boolean literal."""
-    if not _check((AbT, M, Ab), S) or not isinstance(accumulate, types.BooleanLiteral):
+    AbT (S, n_nlm, width); M (S, 64); Ab (n_nlm, 64); ``accumulate`` a boolean (Ab's old
+    values are added when true, ignored otherwise)."""
+    if not _check((AbT, M, Ab), S) or not isinstance(accumulate, types.Boolean):
         return None
     n_s = S.literal_value
-    add = accumulate.literal_value
-    sig = types.void(AbT, o, M, Ab, S, accumulate)
+    sig = types.void(AbT, o, M, Ab, S, types.boolean)
 
     def codegen(context, builder, signature, args):
-        (abt, _, m, ab, _, _), vec, fma, load, store = _setup(context, builder, signature, args)
-        intp = context.get_value_type(types.intp)
-        i = lambda v: ir.Constant(intp, v)  # noqa: E731
-        _, n_nlm, width = cgutils.unpack_tuple(builder, abt.shape, 3)
-        off0 = builder.sext(args[1], intp) if args[1].type != intp else args[1]
-        mv = [[load(m, i(s * W * ROWS + r * W)) for r in range(ROWS)] for s in range(n_s)]
-        plane = builder.mul(n_nlm, width)
-        with cgutils.for_range(builder, n_nlm) as loop:
+        g = _setup(context, builder, signature, args, 0, 2, n_s)
+        abt, ab = g.arys[0], g.arys[3]
+        i = g.const
+        add = builder.icmp_unsigned("!=", args[5], ir.Constant(args[5].type, 0))
+        with cgutils.for_range(builder, g.n_nlm) as loop:
             q = loop.index
-            row = builder.add(builder.mul(q, width), off0)
-            av = [load(abt, builder.add(builder.mul(i(s), plane), row)) for s in range(n_s)]
+            row = builder.add(builder.mul(q, g.width), g.o)
+            av = [g.load(abt, builder.add(builder.mul(i(s), g.plane), row)) for s in range(n_s)]
             for r in range(ROWS):
                 off = builder.add(builder.mul(q, i(W * ROWS)), i(r * W))
-                acc = load(ab, off) if add else ir.Constant(vec, None)
+                acc = builder.select(add, g.load(ab, off), ir.Constant(g.vec, None))
                 for s in range(n_s):
-                    acc = builder.call(fma, [av[s], mv[s][r], acc])
-                store(acc, ab, off)
+                    acc = builder.call(g.fma, [av[s], g.mv[s][r], acc])
+                g.store(acc, ab, off)
         return context.get_dummy_value()
 
     return sig, codegen
