@@ -73,9 +73,10 @@ and its gradient, the vjp/jvp contractions) runs in structure-of-arrays scratch,
 64-wide loops over slots that LLVM vectorises (AVX-512 here; shorter loops end up in
 scalar remainder loops).  Because a row's slots belong to 16 consecutive centres of the
 chunk's centre-minor accumulator At[s, q, k], a slot's 55 contributions move to or from
-its centre with 16-lane vector FMAs masked by species (``simd.lanes_scatter`` /
-``lanes_gather``, explicit vector code: S x the adds of a scalar scatter, at 1/16 of the
-instructions) instead of 55 scalar read-modify-writes per pair.  Sorting keeps the
+its centre with 16-lane vector FMAs masked by species (``simd.lanes_scatter_products``
+/ ``lanes_gather``, explicit vector code: S x the adds of a scalar scatter, at 1/16 of the
+instructions; the contributions g Y are formed in registers on the way) instead of 55
+scalar read-modify-writes per pair.  Sorting keeps the
 padding small (5-10% of the slots for EAN at 3.5 Å; ~20% unsorted).  Each centre still
 sums its own pairs in CSR order, so results do not depend on the lane order.  The
 per-centre contractions (power spectrum, its jvp) run on At, vectorised over the 64
@@ -98,7 +99,7 @@ import math
 import numpy as np
 from numba import literally, njit, prange
 
-from .simd import lanes_gather, lanes_scatter
+from .simd import lanes_gather, lanes_scatter_products, lanes_scatter_products2
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
@@ -1071,42 +1072,82 @@ def _next_run(M, rowg, rr, Mg):
 
 
 @njit(**_JIT)
-def _scatter_rows(C, M, rowg, Mg, At):
+def _scatter_products(P, Q, ci, cj, M, rowg, Mg, At):
     """At[s, q, g _G + lane] += C[q, b] for the valid slots b = rr _G + lane of species s
-    in rows rr of group g: per (q, s) one masked 16-lane FMA per row (simd.lanes_scatter)."""
+    in rows rr of group g, C[q, b] = P[ci[q], b] Q[cj[q], b]: per (q, s) one masked 16-lane
+    FMA per row (simd.lanes_scatter_products; the products are formed in registers, no C
+    block is written and read back)."""
     rr = 0
-    while rr < _R and rowg[rr] >= 0:  # rows without a group (-1) only end a block
+    while rr < _R and rowg[rr] >= 0:
         o, rr, src = _next_run(M, rowg, rr, Mg)
-        _lanes_scatter(C, src, o, At)
+        _lanes_scatter_products(P, Q, ci, cj, src, o, At)
 
 
 @njit(**_JIT)
-def _lanes_scatter(C, M, o, At):
+def _lanes_scatter_products(P, Q, ci, cj, M, o, At):
     S = At.shape[0]
     if S == 1:
-        lanes_scatter(At, o, C, M, 1)
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 1)
     elif S == 2:
-        lanes_scatter(At, o, C, M, 2)
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 2)
     elif S == 3:
-        lanes_scatter(At, o, C, M, 3)
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 3)
     elif S == 4:
-        lanes_scatter(At, o, C, M, 4)
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 4)
     elif S == 5:
-        lanes_scatter(At, o, C, M, 5)
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 5)
     elif S == 6:
-        lanes_scatter(At, o, C, M, 6)
-    else:  # more species than the vector code is specialised for
+        lanes_scatter_products(At, o, P, Q, ci, cj, M, 6)
+    else:
         for s in range(S):
             for q in range(At.shape[1]):
+                a = ci[q]
+                c = cj[q]
                 for rr in range(_R):
                     for lane in range(_G):
-                        At[s, q, o + lane] += C[q, rr * _G + lane] * M[s, rr * _G + lane]
+                        b = rr * _G + lane
+                        At[s, q, o + lane] += P[a, b] * Q[c, b] * M[s, b]
+
+
+@njit(**_JIT)
+def _scatter_products2(P, Q, P2, Q2, ci, cj, M, rowg, Mg, At):
+    """_scatter_products of C[q, b] = P[ci[q], b] Q[cj[q], b] + P2[ci[q], b] Q2[cj[q], b]."""
+    rr = 0
+    while rr < _R and rowg[rr] >= 0:
+        o, rr, src = _next_run(M, rowg, rr, Mg)
+        _lanes_scatter_products2(P, Q, P2, Q2, ci, cj, src, o, At)
+
+
+@njit(**_JIT)
+def _lanes_scatter_products2(P, Q, P2, Q2, ci, cj, M, o, At):
+    S = At.shape[0]
+    if S == 1:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 1)
+    elif S == 2:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 2)
+    elif S == 3:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 3)
+    elif S == 4:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 4)
+    elif S == 5:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 5)
+    elif S == 6:
+        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 6)
+    else:
+        for s in range(S):
+            for q in range(At.shape[1]):
+                a = ci[q]
+                c = cj[q]
+                for rr in range(_R):
+                    for lane in range(_G):
+                        b = rr * _G + lane
+                        At[s, q, o + lane] += (P[a, b] * Q[c, b] + P2[a, b] * Q2[c, b]) * M[s, b]
 
 
 @njit(**_JIT)
 def _gather_lanes(AbT, M, rowg, Mg, Ab):
     """Ab[q, b] = AbT[s, q, g _G + lane] for the valid slot b = rr _G + lane of species s,
-    0 for the others (the transpose of _scatter_rows)."""
+    0 for the others (the transpose of _scatter_products)."""
     rr = 0
     first = True
     while rr < _R and rowg[rr] >= 0:  # rows without a group (-1) only end a block
@@ -1151,9 +1192,11 @@ def _lanes_gather(AbT, M, o, accumulate, Ab):
 
 @njit(**_JIT)
 def _nlm_segments(nl_index, n_nl, n_nlm):
-    """col[q]: nl column of nlm entry q; start[c], length[c]: the m run of nl column c."""
+    """col[q], lm[q]: nl column and Y_lm row of nlm entry q; start[c], length[c]: the m
+    run of nl column c."""
     L = nl_index.shape[0]
     col = np.empty(n_nlm, np.int64)
+    lm = np.empty(n_nlm, np.int64)
     start = np.empty(n_nl, np.int64)
     length = np.empty(n_nl, np.int64)
     for l in range(L):
@@ -1164,7 +1207,8 @@ def _nlm_segments(nl_index, n_nl, n_nlm):
             length[c] = 2 * l + 1
             for q in range(2 * l + 1):
                 col[off + q] = c
-    return col, start, length
+                lm[off + q] = l * l + q
+    return col, lm, start, length
 
 
 @njit(**_JIT)
@@ -1343,7 +1387,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     f8 = np.float64
     zero = consts[_C_ZERO]
     one = consts[_C_ONE]
-    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    col, lm, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
@@ -1384,7 +1428,6 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         dqb = np.empty(_B, dt)
         Y = np.empty((L * L, _B), dt)
         dY = np.empty((3, 1, _B), dt)  # unused (no derivatives in the forward pass)
-        C = np.empty((n_nlm, _B), dt)
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         acc = np.empty(_W, dt)
@@ -1402,14 +1445,9 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
                 _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
                               ja, jb, inv, g0, jv, djv, g, g)
             _ylm(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
-            # contributions g_nl Y_lm, vectorised over slots, then added lane-wise
-            for q in range(n_nlm):
-                c = col[q]
-                lq = q - start[c] + (length[c] // 2) ** 2
-                for b in range(_B):
-                    C[q, b] = g[c, b] * Y[lq, b]
+            # contributions g_nl Y_lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
-            _scatter_rows(C, M, rowg, Mg, At)
+            _scatter_products(g, Y, col, lm, M, rowg, Mg, At)
         _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, order, c0, nc, X)
         _residual_out(At, c0, nc, A)
 
@@ -1430,7 +1468,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     one = consts[_C_ONE]
     two = consts[_C_TWO]
     _zero_uncovered(offsets, N, P, d_bar)
-    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    col, lm, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
@@ -1553,7 +1591,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     f8 = np.float64
     zero = consts[_C_ZERO]
     one = consts[_C_ONE]
-    col, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
+    col, lm, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
@@ -1599,7 +1637,6 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         Y = np.empty((L * L, _B), dt)
         dY = np.empty((3, L * L, _B), dt)
         Yt = np.empty((L * L, _B), dt)
-        C = np.empty((n_nlm, _B), dt)
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         rho = np.empty(_B, dt)
@@ -1648,13 +1685,9 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
             for c in range(n_nl):
                 for b in range(_B):
                     dg[c, b] *= rho[b]
-            for q in range(n_nlm):
-                c = col[q]
-                lq = q - start[c] + (length[c] // 2) ** 2
-                for b in range(_B):
-                    C[q, b] = dg[c, b] * Y[lq, b] + g[c, b] * Yt[lq, b]
+            # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
-            _scatter_rows(C, M, rowg, Mg, Adt)
+            _scatter_products2(dg, Y, g, Yt, col, lm, M, rowg, Mg, Adt)
         _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, order, c0, nc, X_dot)
 
 
