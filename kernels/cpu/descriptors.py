@@ -99,7 +99,8 @@ import math
 import numpy as np
 from numba import literally, njit, prange
 
-from .simd import lanes_gather, lanes_scatter_products, lanes_scatter_products2
+from .simd import (lanes_gather, lanes_scatter_products, lanes_scatter_products2,
+                   lanes_to_rows, rows_to_lanes)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
@@ -1272,14 +1273,23 @@ def _residual_in(A, c0, nc, At):
 @njit(**_JIT)
 def _rows_to_lanes(X, order, c0, nc, Xt):
     """Xt[f, k] = X[c0 + order[k], f] for the work item's lanes k < nc, 0 above."""
+    rows_to_lanes(X, order, c0, nc, Xt)  # 16 x 16 tiles through registers
     F = X.shape[1]
-    for f in range(F):
+    for f in range(F - F % _G, F):
         for k in range(nc, _W):
             Xt[f, k] = 0.0
-    for k in range(nc):
-        i = c0 + order[k]
-        for f in range(F):
-            Xt[f, k] = X[i, f]
+        for k in range(nc):
+            Xt[f, k] = X[c0 + order[k], f]
+
+
+@njit(**_JIT)
+def _lanes_to_rows(Xt, order, c0, nc, X):
+    """X[c0 + order[k], f] = Xt[f, k] for the work item's lanes k < nc."""
+    lanes_to_rows(Xt, order, c0, nc, X)
+    F = X.shape[1]
+    for f in range(F - F % _G, F):
+        for k in range(nc):
+            X[c0 + order[k], f] = Xt[f, k]
 
 
 @njit(**_JIT)
@@ -1334,39 +1344,35 @@ def _unpermute(A, offsets, P, out):
 
 
 @njit(**_JIT)
-def _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, order, c0, nc, X):
-    """X[c0 + order[k], (ab) block] = sum_m A^a_{nlm} A^b_{nlm}."""
+def _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt):
+    """Xt[(ab) block, k] = sum_m A^a_{nlm} A^b_{nlm} for the 64 lanes k."""
     for pb in range(ia.shape[0]):
         a = ia[pb]
         b = ib[pb]
         for c in range(n_nl):
             o = start[c]
+            f = pb * n_nl + c
             for k in range(_W):
-                acc[k] = At[a, o, k] * At[b, o, k]
+                Xt[f, k] = At[a, o, k] * At[b, o, k]
             for q in range(o + 1, o + length[c]):
                 for k in range(_W):
-                    acc[k] += At[a, q, k] * At[b, q, k]
-            f = pb * n_nl + c
-            for k in range(nc):
-                X[c0 + order[k], f] = acc[k]
+                    Xt[f, k] += At[a, q, k] * At[b, q, k]
 
 
 @njit(**_JIT)
-def _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, order, c0, nc, X_dot):
-    """X_dot[c0 + order[k], (ab) block] = sum_m (Adot^a A^b + A^a Adot^b)."""
+def _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt):
+    """Xt[(ab) block, k] = sum_m (Adot^a A^b + A^a Adot^b) for the 64 lanes k."""
     for pb in range(ia.shape[0]):
         a = ia[pb]
         b = ib[pb]
         for c in range(n_nl):
             o = start[c]
+            f = pb * n_nl + c
             for k in range(_W):
-                acc[k] = Adt[a, o, k] * At[b, o, k] + At[a, o, k] * Adt[b, o, k]
+                Xt[f, k] = Adt[a, o, k] * At[b, o, k] + At[a, o, k] * Adt[b, o, k]
             for q in range(o + 1, o + length[c]):
                 for k in range(_W):
-                    acc[k] += Adt[a, q, k] * At[b, q, k] + At[a, q, k] * Adt[b, q, k]
-            f = pb * n_nl + c
-            for k in range(nc):
-                X_dot[c0 + order[k], f] = acc[k]
+                    Xt[f, k] += Adt[a, q, k] * At[b, q, k] + At[a, q, k] * Adt[b, q, k]
 
 
 # ---------------------------------------------------------------------------
@@ -1430,7 +1436,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         dY = np.empty((3, 1, _B), dt)  # unused (no derivatives in the forward pass)
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
-        acc = np.empty(_W, dt)
+        Xt = np.empty((X.shape[1], _W), dt)  # the work item's X, lane-major
         At = np.zeros((S, n_nlm, _W), dt)  # A of the chunk's lanes, centre-minor
         gc = 0
         jc = 0
@@ -1448,7 +1454,8 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             # contributions g_nl Y_lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
             _scatter_products(g, Y, col, lm, M, rowg, Mg, At)
-        _power_spectrum_t(At, ia, ib, n_nl, start, length, acc, order, c0, nc, X)
+        _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt)
+        _lanes_to_rows(Xt, order, c0, nc, X)
         _residual_out(At, c0, nc, A)
 
 
@@ -1640,7 +1647,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         rho = np.empty(_B, dt)
-        acc = np.empty(_W, dt)
+        Xt = np.empty((X_dot.shape[1], _W), dt)  # the work item's X_dot, lane-major
         At = np.zeros((S, n_nlm, _W), dt)
         Adt = np.zeros((S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
         _residual_in(A, c0, nc, At)
@@ -1688,7 +1695,8 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
             # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
             _scatter_products2(dg, Y, g, Yt, col, lm, M, rowg, Mg, Adt)
-        _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, acc, order, c0, nc, X_dot)
+        _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt)
+        _lanes_to_rows(Xt, order, c0, nc, X_dot)
 
 
 # ---------------------------------------------------------------------------

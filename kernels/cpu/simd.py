@@ -178,3 +178,113 @@ def lanes_gather(typingctx, AbT, o, M, Ab, S, accumulate):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# Lanes <-> rows: the per-centre outputs (X, X_dot) are rows X[i, f] of the centres i, the
+# contractions produce them lane-major, Xt[f, k] for the 64 lanes k of a work item (and the
+# vjp needs X_bar lane-major).  A scalar loop over the 64 lanes per feature stores (loads)
+# one element per instruction at 64 different rows; these move 16 x 16 tiles through
+# registers, transposed by shuffles, with one 16-wide store (load) per row.
+
+
+def _transpose(builder, rows):
+    """rows[i][j] -> rows[j][i] for W vectors of W elements: at each stage d, bit d of the
+    row and the column index are swapped in the off-diagonal d x d blocks."""
+    i32 = ir.IntType(32)
+    n = len(rows)
+    d = n // 2
+    while d:
+        new = list(rows)
+        lo = ir.Constant(ir.VectorType(i32, n), [j if not j & d else n + j - d for j in range(n)])
+        hi = ir.Constant(ir.VectorType(i32, n), [j + d if not j & d else n + j for j in range(n)])
+        for i in range(n):
+            if not i & d:
+                new[i] = builder.shuffle_vector(rows[i], rows[i + d], lo)
+                new[i + d] = builder.shuffle_vector(rows[i], rows[i + d], hi)
+        rows = new
+        d //= 2
+    return rows
+
+
+def _tiles_codegen(context, builder, sig, args, to_rows):
+    """Shared by lanes_to_rows / rows_to_lanes: args (lane array Xt (F, 64), order, c0, nc,
+    row array X (N, F)) in either order of the two arrays."""
+    lanes_i, rows_i = (0, 4) if to_rows else (4, 0)
+    xt = context.make_array(sig.args[lanes_i])(context, builder, args[lanes_i])
+    x = context.make_array(sig.args[rows_i])(context, builder, args[rows_i])
+    order = context.make_array(sig.args[1])(context, builder, args[1])
+    intp = context.get_value_type(types.intp)
+    elem = context.get_value_type(sig.args[0].dtype)
+    vec = ir.VectorType(elem, W)
+    size = context.get_abi_sizeof(elem)
+
+    def i(v):
+        return ir.Constant(intp, v)
+
+    def as_intp(v):
+        return v if v.type == intp else builder.sext(v, intp)
+
+    def vptr(ary, off):
+        return builder.bitcast(builder.gep(ary.data, [off]), vec.as_pointer())
+
+    c0, nc = as_intp(args[2]), as_intp(args[3])
+    F = cgutils.unpack_tuple(builder, x.shape, 2)[1]
+    width = cgutils.unpack_tuple(builder, xt.shape, 2)[1]
+    n_tiles = builder.sdiv(F, i(W))
+    n_groups = builder.sdiv(builder.add(nc, i(W - 1)), i(W)) if to_rows else i(ROWS)
+    first = as_intp(builder.load(order.data))
+    with cgutils.for_range(builder, n_groups) as gl:
+        lane0 = builder.mul(gl.index, i(W))
+        rows = []
+        valid = []
+        for r in range(W):
+            k = builder.add(lane0, i(r))
+            ok = builder.icmp_signed("<", k, nc)
+            row = builder.add(c0, builder.select(
+                ok, as_intp(builder.load(builder.gep(order.data, [k]))), first))
+            valid.append(ok)
+            rows.append(builder.mul(row, F))
+        with cgutils.for_range(builder, n_tiles) as tl:
+            f0 = builder.mul(tl.index, i(W))
+            if to_rows:
+                v = [builder.load(vptr(xt, builder.add(builder.mul(builder.add(f0, i(r)), width),
+                                                       lane0)), align=size) for r in range(W)]
+                v = _transpose(builder, v)
+                for r in range(W):
+                    with cgutils.if_likely(builder, valid[r]):
+                        builder.store(v[r], vptr(x, builder.add(rows[r], f0)), align=size)
+            else:
+                zero = ir.Constant(vec, None)
+                v = [builder.select(valid[r], builder.load(vptr(x, builder.add(rows[r], f0)),
+                                                           align=size), zero)
+                     for r in range(W)]
+                v = _transpose(builder, v)
+                for r in range(W):
+                    off = builder.add(builder.mul(builder.add(f0, i(r)), width), lane0)
+                    builder.store(v[r], vptr(xt, off), align=size)
+    return context.get_dummy_value()
+
+
+def _tiles_check(lanes, order, rows):
+    return (all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                for a in (lanes, rows)) and lanes.dtype == rows.dtype
+            and isinstance(lanes.dtype, types.Float) and isinstance(order, types.Array)
+            and isinstance(order.dtype, types.Integer) and order.layout == "C")
+
+
+@intrinsic
+def lanes_to_rows(typingctx, Xt, order, c0, nc, X):
+    """X[c0 + order[k], f] = Xt[f, k] for lanes k < nc and f < 16 (F // 16), the full tiles
+    (the caller moves the last F % 16 features).  Xt (F', 64) with F' >= F; X (N, F)."""
+    if not _tiles_check(Xt, order, X):
+        return None
+    return types.void(Xt, order, c0, nc, X), lambda c, b, s, a: _tiles_codegen(c, b, s, a, True)
+
+
+@intrinsic
+def rows_to_lanes(typingctx, X, order, c0, nc, Xt):
+    """Xt[f, k] = X[c0 + order[k], f] for lanes k < nc, 0 for 64 > k >= nc, f < 16 (F // 16)
+    (the full tiles, as lanes_to_rows).  X (N, F); Xt (F', 64)."""
+    if not _tiles_check(Xt, order, X):
+        return None
+    return types.void(X, order, c0, nc, Xt), lambda c, b, s, a: _tiles_codegen(c, b, s, a, False)
