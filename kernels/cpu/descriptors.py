@@ -100,7 +100,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .simd import (lanes_gather, lanes_scatter_products, lanes_scatter_products2,
-                   lanes_to_rows, rows_to_lanes)
+                   lanes_to_rows, rows_to_lanes, clenshaw_rows)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
@@ -267,7 +267,7 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
             pair_index, f(poly))
 
 
-_POLY_DEGREES = tuple(range(4, 33, 2))  # compiled Clenshaw variants (see _cheb_any)
+_POLY_DEGREES = tuple(range(4, 33, 2))  # degrees the fit tries (simd.clenshaw_rows takes any)
 _POLY_TOL = 2e-8  # weighted fit error / max |g| (|g'|), see _radial_polynomials: < float32 ulp
 
 
@@ -676,63 +676,6 @@ def _radial_block(r, rmin, rc, roots, W, series, nl_index, deriv, ja, jb, inv, g
 
 
 @njit(**_JIT)
-def _cheb(D, x, cf, zero, scale, out, c):
-    """out[c, b] = scale[b] * sum_{k <= D} cf[k] T_k(x[b]) by Clenshaw's recurrence.
-
-    ``D`` is a literal (one compiled variant per degree): the recurrence is unrolled and
-    the loop over pairs is innermost, so it vectorises."""
-    D = literally(D)
-    nB = x.shape[0]
-    top = cf[D]
-    for b in range(nB):
-        t = x[b]
-        t2 = t + t
-        b1 = top
-        b2 = zero
-        for k in range(D - 1, 0, -1):
-            # cf[k] - b2 is off the recurrence's critical path: one FMA latency per step
-            b0 = t2 * b1 + (cf[k] - b2)
-            b2 = b1
-            b1 = b0
-        out[c, b] = (t * b1 - b2 + cf[0]) * scale[b]
-
-
-@njit(**_JIT)
-def _cheb_any(D, x, cf, zero, scale, out, c):
-    """_cheb for D in _POLY_DEGREES (the degrees make_tables assigns)."""
-    if D == 4:
-        _cheb(4, x, cf, zero, scale, out, c)
-    elif D == 6:
-        _cheb(6, x, cf, zero, scale, out, c)
-    elif D == 8:
-        _cheb(8, x, cf, zero, scale, out, c)
-    elif D == 10:
-        _cheb(10, x, cf, zero, scale, out, c)
-    elif D == 12:
-        _cheb(12, x, cf, zero, scale, out, c)
-    elif D == 14:
-        _cheb(14, x, cf, zero, scale, out, c)
-    elif D == 16:
-        _cheb(16, x, cf, zero, scale, out, c)
-    elif D == 18:
-        _cheb(18, x, cf, zero, scale, out, c)
-    elif D == 20:
-        _cheb(20, x, cf, zero, scale, out, c)
-    elif D == 22:
-        _cheb(22, x, cf, zero, scale, out, c)
-    elif D == 24:
-        _cheb(24, x, cf, zero, scale, out, c)
-    elif D == 26:
-        _cheb(26, x, cf, zero, scale, out, c)
-    elif D == 28:
-        _cheb(28, x, cf, zero, scale, out, c)
-    elif D == 30:
-        _cheb(30, x, cf, zero, scale, out, c)
-    else:
-        _cheb(32, x, cf, zero, scale, out, c)
-
-
-@njit(**_JIT)
 def _poly_block(r, rc, consts, poly, nl_index, deriv, rt, tt, qq, rl, sg, sd, g, dg):
     """g[c, b] = g_nl(r_b) and (deriv) dg[c, b] = g_nl'(r_b) from the polynomials of
     _radial_polynomials, in the input dtype (float32).  t and q are formed in float64 from
@@ -745,7 +688,6 @@ def _poly_block(r, rc, consts, poly, nl_index, deriv, rt, tt, qq, rl, sg, sd, g,
     one = rc[_R_ONE]
     rc2 = rc[_R_RCUT2]
     a = (one + one) / rc2
-    zero = consts[_C_ZERO]
     for b in range(nB):
         rr = r[b]
         s = rr * rr
@@ -766,9 +708,9 @@ def _poly_block(r, rc, consts, poly, nl_index, deriv, rt, tt, qq, rl, sg, sd, g,
             sg[b] = rl[b] * (qq[b] * qq[b] * qq[b])
         for n in range(n_max - l + 1):
             c = nl_index[l, n, 0]
-            _cheb_any(nl_index[l, n, 2], tt, poly[c, 0], zero, sg, g, c)
+            clenshaw_rows(tt, poly[c, 0], nl_index[l, n, 2], sg, g, c)
             if deriv:
-                _cheb_any(nl_index[l, n, 3], tt, poly[c, 1], zero, sd, dg, c)
+                clenshaw_rows(tt, poly[c, 1], nl_index[l, n, 3], sd, dg, c)
 
 
 @njit(**_JIT)

@@ -133,20 +133,18 @@ def _products_intrinsic(n_terms):
     return typer
 
 
-def _products_1(typingctx, At, o, P, Q, ci, cj, M, S):
+@intrinsic
+def lanes_scatter_products(typingctx, At, o, P, Q, ci, cj, M, S):
+    """At[s, q, o:o+16] += sum_r P[ci[q], 16r:+16] Q[cj[q], 16r:+16] M[s, 16r:+16].
+
+    At (S, n_nlm, width); P (n_p, 64); Q (n_q, 64); ci, cj (n_nlm,) integer; M (S, 64)."""
     return _products_intrinsic(1)(typingctx, At, o, P, Q, ci, cj, M, S)
 
 
-def _products_2(typingctx, At, o, P, Q, P2, Q2, ci, cj, M, S):
+@intrinsic
+def lanes_scatter_products2(typingctx, At, o, P, Q, P2, Q2, ci, cj, M, S):
+    """As lanes_scatter_products with P Q + P2 Q2 (the second term by FMA)."""
     return _products_intrinsic(2)(typingctx, At, o, P, Q, P2, Q2, ci, cj, M, S)
-
-
-_products_1.__doc__ = """At[s, q, o:o+16] += sum_r P[ci[q], 16r:+16] Q[cj[q], 16r:+16] M[s, 16r:+16].
-
-At (S, n_nlm, width); P (n_p, 64); Q (n_q, 64); ci, cj (n_nlm,) integer; M (S, 64)."""
-_products_2.__doc__ = """As lanes_scatter_products with P Q + P2 Q2 (the second term by FMA)."""
-lanes_scatter_products = intrinsic(_products_1)
-lanes_scatter_products2 = intrinsic(_products_2)
 
 
 @intrinsic
@@ -288,3 +286,83 @@ def rows_to_lanes(typingctx, X, order, c0, nc, Xt):
     if not _tiles_check(Xt, order, X):
         return None
     return types.void(X, order, c0, nc, Xt), lambda c, b, s, a: _tiles_codegen(c, b, s, a, False)
+
+
+@intrinsic
+def clenshaw_rows(typingctx, x, cf, D, scale, out, c):
+    """out[c, b] = scale[b] * sum_{k <= D} cf[k] T_k(x[b]) for the 64 slots b of a block
+    (Clenshaw's recurrence, D >= 1 at run time).
+
+    Each step of the recurrence waits for the previous one (one FMA latency), so the 64
+    slots run as four independent 16-lane chains held in registers.  As a numba function
+    the recurrence needed a literal D to be unrolled and vectorised, one compiled variant
+    per degree; the calls to them, with every array passed member by member, cost about
+    as much as the recurrence itself.  x, scale (64,); cf (>= D+1,); out (n, 64)."""
+    arrays = (x, cf, scale, out)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == x.dtype
+                for a in arrays) and isinstance(x.dtype, types.Float)
+            and isinstance(D, types.Integer) and isinstance(c, types.Integer)):
+        return None
+    sig = types.void(x, cf, D, scale, out, c)
+
+    def codegen(context, builder, signature, args):
+        xa, cfa, sa, oa = (context.make_array(t)(context, builder, a) for t, a in
+                           zip((signature.args[0], signature.args[1], signature.args[3],
+                                signature.args[4]), (args[0], args[1], args[3], args[4])))
+        intp = context.get_value_type(types.intp)
+        elem = context.get_value_type(signature.args[0].dtype)
+        vec = ir.VectorType(elem, W)
+        size = context.get_abi_sizeof(elem)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v%df%d" % (W, 8 * size))
+
+        def i(v):
+            return ir.Constant(intp, v)
+
+        def as_intp(v):
+            return v if v.type == intp else builder.sext(v, intp)
+
+        def vload(ary, off):
+            return builder.load(builder.bitcast(builder.gep(ary.data, [off]), vec.as_pointer()),
+                                align=size)
+
+        def splat(v):
+            e = builder.insert_element(ir.Constant(vec, None), v, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(e, ir.Constant(vec, None),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
+
+        def coef(k):
+            return splat(builder.load(builder.gep(cfa.data, [k])))
+
+        D_ = as_intp(args[2])
+        t = [vload(xa, i(r * W)) for r in range(ROWS)]
+        u = [builder.fadd(v, v) for v in t]
+        p_vars = [cgutils.alloca_once(builder, vec) for _ in range(ROWS)]
+        q_vars = [cgutils.alloca_once(builder, vec) for _ in range(ROWS)]
+        top = coef(D_)
+        for r in range(ROWS):
+            builder.store(top, p_vars[r])
+            builder.store(ir.Constant(vec, None), q_vars[r])
+        # k = D-1 .. 1
+        with cgutils.for_range(builder, builder.sub(D_, i(1))) as loop:
+            k = builder.sub(builder.sub(D_, i(1)), loop.index)
+            ck = coef(k)
+            for r in range(ROWS):
+                p = builder.load(p_vars[r])
+                q = builder.load(q_vars[r])
+                # cf[k] - b2 is off the critical path: one FMA latency per step
+                n = builder.call(fma, [u[r], p, builder.fsub(ck, q)])
+                builder.store(p, q_vars[r])
+                builder.store(n, p_vars[r])
+        c0 = coef(i(0))
+        row = builder.mul(as_intp(args[5]), cgutils.unpack_tuple(builder, oa.shape, 2)[1])
+        for r in range(ROWS):
+            p = builder.load(p_vars[r])
+            q = builder.load(q_vars[r])
+            v = builder.fadd(builder.call(fma, [t[r], p, builder.fneg(q)]), c0)
+            v = builder.fmul(v, vload(sa, i(r * W)))
+            builder.store(v, builder.bitcast(builder.gep(oa.data, [builder.add(row, i(r * W))]),
+                                             vec.as_pointer()), align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
