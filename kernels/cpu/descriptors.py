@@ -1176,6 +1176,14 @@ def _species_pairs(pair_index):
 
 
 @njit(**_JIT)
+def _copy(src, dst):
+    """dst[:] = src[:] (1-d, same length).  The plain loop: LLVM vectorises it fully
+    (3x faster here than numba's slice assignment)."""
+    for i in range(src.shape[0]):
+        dst[i] = src[i]
+
+
+@njit(**_JIT)
 def _residual_out(At, c0, nc, A):
     """The work item's At (lanes k < nc) into its stretch of the residual, lane-major:
     flat A[c0 S n_nlm + (s n_nlm + q) nc + k] = At[s, q, k] (see "Residual")."""
@@ -1183,15 +1191,14 @@ def _residual_out(At, c0, nc, A):
     n_nlm = At.shape[1]
     Af = A.reshape(A.size)
     base = c0 * S * n_nlm
+    if nc == _W:  # the stretch is At itself, flat: one copy (the loops below stay scalar)
+        _copy(At.reshape(At.size), Af[base:base + At.size])
+        return
     for s in range(S):
         for q in range(n_nlm):
             o = base + (s * n_nlm + q) * nc
-            if nc == _W:
-                for k in range(_W):
-                    Af[o + k] = At[s, q, k]
-            else:
-                for k in range(nc):
-                    Af[o + k] = At[s, q, k]
+            for k in range(nc):
+                Af[o + k] = At[s, q, k]
 
 
 @njit(**_JIT)
@@ -1201,15 +1208,14 @@ def _residual_in(A, c0, nc, At):
     n_nlm = At.shape[1]
     Af = A.reshape(A.size)
     base = c0 * S * n_nlm
+    if nc == _W:
+        _copy(Af[base:base + At.size], At.reshape(At.size))
+        return
     for s in range(S):
         for q in range(n_nlm):
             o = base + (s * n_nlm + q) * nc
-            if nc == _W:
-                for k in range(_W):
-                    At[s, q, k] = Af[o + k]
-            else:
-                for k in range(nc):
-                    At[s, q, k] = Af[o + k]
+            for k in range(nc):
+                At[s, q, k] = Af[o + k]
 
 
 @njit(**_JIT)
