@@ -99,8 +99,8 @@ import math
 import numpy as np
 from numba import literally, njit, prange
 
-from .simd import (lanes_gather, lanes_scatter_products, lanes_scatter_products2,
-                   lanes_to_rows, rows_to_lanes, clenshaw_rows)
+from .simd import (clenshaw_rows, lanes_gather, lanes_scatter_products, lanes_to_rows,
+                   rows_to_lanes)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
@@ -1015,33 +1015,34 @@ def _next_run(M, rowg, rr, Mg):
 
 
 @njit(**_JIT)
-def _scatter_products(P, Q, ci, cj, M, rowg, Mg, At):
+def _scatter_products(blocks, ci, cj, M, rowg, Mg, At):
     """At[s, q, g _G + lane] += C[q, b] for the valid slots b = rr _G + lane of species s
-    in rows rr of group g, C[q, b] = P[ci[q], b] Q[cj[q], b]: per (q, s) one masked 16-lane
-    FMA per row (simd.lanes_scatter_products; the products are formed in registers, no C
-    block is written and read back)."""
+    in rows rr of group g, C[q, b] = sum_t P_t[ci[q], b] Q_t[cj[q], b] over the pairs of
+    blocks = (P_0, Q_0[, P_1, Q_1]): per (q, s) one masked 16-lane FMA per row
+    (simd.lanes_scatter_products; the products are formed in registers, no C block is
+    written and read back)."""
     rr = 0
-    while rr < _R and rowg[rr] >= 0:
+    while rr < _R and rowg[rr] >= 0:  # rows without a group (-1) only end a block
         o, rr, src = _next_run(M, rowg, rr, Mg)
-        _lanes_scatter_products(P, Q, ci, cj, src, o, At)
+        _lanes_scatter_products(blocks, ci, cj, src, o, At)
 
 
 @njit(**_JIT)
-def _lanes_scatter_products(P, Q, ci, cj, M, o, At):
+def _lanes_scatter_products(blocks, ci, cj, M, o, At):
     S = At.shape[0]
     if S == 1:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 1)
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 1)
     elif S == 2:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 2)
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 2)
     elif S == 3:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 3)
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 3)
     elif S == 4:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 4)
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 4)
     elif S == 5:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 5)
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 5)
     elif S == 6:
-        lanes_scatter_products(At, o, P, Q, ci, cj, M, 6)
-    else:
+        lanes_scatter_products(At, o, blocks, ci, cj, M, 6)
+    else:  # more species than the vector code is specialised for
         for s in range(S):
             for q in range(At.shape[1]):
                 a = ci[q]
@@ -1049,42 +1050,10 @@ def _lanes_scatter_products(P, Q, ci, cj, M, o, At):
                 for rr in range(_R):
                     for lane in range(_G):
                         b = rr * _G + lane
-                        At[s, q, o + lane] += P[a, b] * Q[c, b] * M[s, b]
-
-
-@njit(**_JIT)
-def _scatter_products2(P, Q, P2, Q2, ci, cj, M, rowg, Mg, At):
-    """_scatter_products of C[q, b] = P[ci[q], b] Q[cj[q], b] + P2[ci[q], b] Q2[cj[q], b]."""
-    rr = 0
-    while rr < _R and rowg[rr] >= 0:
-        o, rr, src = _next_run(M, rowg, rr, Mg)
-        _lanes_scatter_products2(P, Q, P2, Q2, ci, cj, src, o, At)
-
-
-@njit(**_JIT)
-def _lanes_scatter_products2(P, Q, P2, Q2, ci, cj, M, o, At):
-    S = At.shape[0]
-    if S == 1:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 1)
-    elif S == 2:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 2)
-    elif S == 3:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 3)
-    elif S == 4:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 4)
-    elif S == 5:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 5)
-    elif S == 6:
-        lanes_scatter_products2(At, o, P, Q, P2, Q2, ci, cj, M, 6)
-    else:
-        for s in range(S):
-            for q in range(At.shape[1]):
-                a = ci[q]
-                c = cj[q]
-                for rr in range(_R):
-                    for lane in range(_G):
-                        b = rr * _G + lane
-                        At[s, q, o + lane] += (P[a, b] * Q[c, b] + P2[a, b] * Q2[c, b]) * M[s, b]
+                        v = blocks[0][a, b] * blocks[1][c, b]
+                        for t in range(1, len(blocks) // 2):
+                            v += blocks[2 * t][a, b] * blocks[2 * t + 1][c, b]
+                        At[s, q, o + lane] += v * M[s, b]
 
 
 @njit(**_JIT)
@@ -1401,7 +1370,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
             _ylm(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
             # contributions g_nl Y_lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
-            _scatter_products(g, Y, col, lm, M, rowg, Mg, At)
+            _scatter_products((g, Y), col, lm, M, rowg, Mg, At)
         _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt)
         _lanes_to_rows(Xt, order, c0, nc, X)
         _residual_out(At, c0, nc, A)
@@ -1642,7 +1611,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
                     dg[c, b] *= rho[b]
             # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
             _species_masks(valid, spc, one, zero, M)
-            _scatter_products2(dg, Y, g, Yt, col, lm, M, rowg, Mg, Adt)
+            _scatter_products((dg, Y, g, Yt), col, lm, M, rowg, Mg, Adt)
         _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt)
         _lanes_to_rows(Xt, order, c0, nc, X_dot)
 

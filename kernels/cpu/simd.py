@@ -96,55 +96,43 @@ def _index(builder, g, idx, q):
     return v if v.type == q.type else builder.sext(v, q.type)
 
 
-def _products_intrinsic(n_terms):
-    """lanes_scatter of C[q] = sum_t P_t[ci[q]] * Q_t[cj[q]] over n_terms (P_t, Q_t) pairs
-    of (n, 64) blocks, formed in registers instead of in a C block written and read back."""
+@intrinsic
+def lanes_scatter_products(typingctx, At, o, blocks, ci, cj, M, S):
+    """At[s, q, o:o+16] += sum_r C[q, 16r:+16] M[s, 16r:+16] with C[q] = sum_t P_t[ci[q]]
+    Q_t[cj[q]] over the pairs blocks = (P_0, Q_0, P_1, Q_1, ...) of (n, 64) blocks (the
+    second term onwards by FMA), the products formed in registers instead of in a C block
+    written and read back.
 
-    def typer(typingctx, At, o, *rest):
-        *pq, ci, cj, M, S = rest
-        if len(pq) != 2 * n_terms or not _check((At, *pq, M), S) or not all(
+    At (S, n_nlm, width); blocks a tuple of 2 or 4 arrays; ci, cj (n_nlm,) integer; M (S, 64)."""
+    if not (isinstance(blocks, types.UniTuple) and blocks.count in (2, 4)
+            and _check((At, blocks.dtype, M), S) and all(
                 isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
-                and a.layout == "C" for a in (ci, cj)):
-            return None
-        n_s = S.literal_value
-        sig = types.void(At, o, *rest)
+                and a.layout == "C" for a in (ci, cj))):
+        return None
+    n_s = S.literal_value
+    n_terms = blocks.count // 2
+    sig = types.void(At, o, blocks, ci, cj, M, S)
 
-        def codegen(context, builder, signature, args):
-            n = 2 * n_terms
-            g = _setup(context, builder, signature, args, 0, 4 + n, n_s)
-            blocks = g.arys[2:2 + n]
-            ia, ja = g.arys[2 + n], g.arys[3 + n]
+    def codegen(context, builder, signature, args):
+        g = _setup(context, builder, signature, args, 0, 5, n_s)
+        arys = [context.make_array(blocks.dtype)(context, builder, v)
+                for v in cgutils.unpack_tuple(builder, args[2], blocks.count)]
+        ia, ja = g.arys[3], g.arys[4]
 
-            def rows(q):
-                i, j = _index(builder, g, ia, q), _index(builder, g, ja, q)
-                acc = None
-                for t in range(n_terms):
-                    a = _block_rows(builder, g, blocks[2 * t], i)
-                    b = _block_rows(builder, g, blocks[2 * t + 1], j)
-                    acc = ([builder.fmul(x, y) for x, y in zip(a, b)] if acc is None else
-                           [builder.call(g.fma, [x, y, z]) for x, y, z in zip(a, b, acc)])
-                return acc
+        def rows(q):
+            i, j = _index(builder, g, ia, q), _index(builder, g, ja, q)
+            acc = None
+            for t in range(n_terms):
+                a = _block_rows(builder, g, arys[2 * t], i)
+                b = _block_rows(builder, g, arys[2 * t + 1], j)
+                acc = ([builder.fmul(x, y) for x, y in zip(a, b)] if acc is None else
+                       [builder.call(g.fma, [x, y, z]) for x, y, z in zip(a, b, acc)])
+            return acc
 
-            _scatter_loop(builder, g, g.arys[0], rows)
-            return context.get_dummy_value()
+        _scatter_loop(builder, g, g.arys[0], rows)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return typer
-
-
-@intrinsic
-def lanes_scatter_products(typingctx, At, o, P, Q, ci, cj, M, S):
-    """At[s, q, o:o+16] += sum_r P[ci[q], 16r:+16] Q[cj[q], 16r:+16] M[s, 16r:+16].
-
-    At (S, n_nlm, width); P (n_p, 64); Q (n_q, 64); ci, cj (n_nlm,) integer; M (S, 64)."""
-    return _products_intrinsic(1)(typingctx, At, o, P, Q, ci, cj, M, S)
-
-
-@intrinsic
-def lanes_scatter_products2(typingctx, At, o, P, Q, P2, Q2, ci, cj, M, S):
-    """As lanes_scatter_products with P Q + P2 Q2 (the second term by FMA)."""
-    return _products_intrinsic(2)(typingctx, At, o, P, Q, P2, Q2, ci, cj, M, S)
+    return sig, codegen
 
 
 @intrinsic
