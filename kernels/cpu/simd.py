@@ -28,13 +28,11 @@ W = 16  # lanes
 ROWS = 4  # rows of a 64-slot block
 
 
-def _setup(context, builder, sig, args, lanes, masks, n_s):
-    """Codegen state shared by the intrinsics: ``lanes`` and ``masks`` are the argument
-    positions of the (S, n_nlm, width) lane array and of the (S, 64) masks, argument 1 the
-    lane offset o.  The masks' S x ROWS vectors are loaded here, before any loop."""
-    arys = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-            for t, a in zip(sig.args, args)]
-    elem = context.get_value_type(sig.args[lanes].dtype)
+def _tools(context, builder, dtype):
+    """Vector codegen helpers for W-lane vectors of ``dtype``, shared by the intrinsics:
+    vec, size (bytes per element), fma, const(int), as_intp, ptr/load/store (array, offset in
+    elements; unaligned beyond the element)."""
+    elem = context.get_value_type(dtype)
     vec = ir.VectorType(elem, W)
     size = context.get_abi_sizeof(elem)
     name = "llvm.fma.v%df%d" % (W, 8 * size)
@@ -53,13 +51,26 @@ def _setup(context, builder, sig, args, lanes, masks, n_s):
     def const(v):
         return ir.Constant(intp, v)
 
+    def as_intp(v):
+        return v if v.type == intp else builder.sext(v, intp)
+
+    return SimpleNamespace(vec=vec, size=size, fma=fma, const=const, as_intp=as_intp, ptr=ptr,
+                           load=load, store=store)
+
+
+def _setup(context, builder, sig, args, lanes, masks, n_s):
+    """Codegen state of the lane scatter / gather: ``lanes`` and ``masks`` are the argument
+    positions of the (S, n_nlm, width) lane array and of the (S, 64) masks, argument 1 the
+    lane offset o.  The masks' S x ROWS vectors are loaded here, before any loop."""
+    arys = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+            for t, a in zip(sig.args, args)]
+    g = _tools(context, builder, sig.args[lanes].dtype)
     _, n_nlm, width = cgutils.unpack_tuple(builder, arys[lanes].shape, 3)
-    o = args[1] if args[1].type == intp else builder.sext(args[1], intp)
     m = arys[masks]
-    mv = [[load(m, const(s * W * ROWS + r * W)) for r in range(ROWS)] for s in range(n_s)]
-    return SimpleNamespace(arys=arys, vec=vec, fma=fma, load=load, store=store, const=const,
-                           n_nlm=n_nlm, width=width, o=o, mv=mv,
-                           plane=builder.mul(n_nlm, width))
+    g.mv = [[g.load(m, g.const(s * W * ROWS + r * W)) for r in range(ROWS)] for s in range(n_s)]
+    g.arys, g.n_nlm, g.width, g.o = arys, n_nlm, width, g.as_intp(args[1])
+    g.plane = builder.mul(n_nlm, width)
+    return g
 
 
 def _check(arrays, S):
@@ -199,19 +210,8 @@ def _tiles_codegen(context, builder, sig, args, to_rows):
     xt = context.make_array(sig.args[lanes_i])(context, builder, args[lanes_i])
     x = context.make_array(sig.args[rows_i])(context, builder, args[rows_i])
     order = context.make_array(sig.args[1])(context, builder, args[1])
-    intp = context.get_value_type(types.intp)
-    elem = context.get_value_type(sig.args[0].dtype)
-    vec = ir.VectorType(elem, W)
-    size = context.get_abi_sizeof(elem)
-
-    def i(v):
-        return ir.Constant(intp, v)
-
-    def as_intp(v):
-        return v if v.type == intp else builder.sext(v, intp)
-
-    def vptr(ary, off):
-        return builder.bitcast(builder.gep(ary.data, [off]), vec.as_pointer())
+    g = _tools(context, builder, sig.args[0].dtype)
+    i, as_intp = g.const, g.as_intp
 
     c0, nc = as_intp(args[2]), as_intp(args[3])
     F = cgutils.unpack_tuple(builder, x.shape, 2)[1]
@@ -233,21 +233,20 @@ def _tiles_codegen(context, builder, sig, args, to_rows):
         with cgutils.for_range(builder, n_tiles) as tl:
             f0 = builder.mul(tl.index, i(W))
             if to_rows:
-                v = [builder.load(vptr(xt, builder.add(builder.mul(builder.add(f0, i(r)), width),
-                                                       lane0)), align=size) for r in range(W)]
+                v = [g.load(xt, builder.add(builder.mul(builder.add(f0, i(r)), width), lane0))
+                     for r in range(W)]
                 v = _transpose(builder, v)
                 for r in range(W):
                     with cgutils.if_likely(builder, valid[r]):
-                        builder.store(v[r], vptr(x, builder.add(rows[r], f0)), align=size)
+                        g.store(v[r], x, builder.add(rows[r], f0))
             else:
-                zero = ir.Constant(vec, None)
-                v = [builder.select(valid[r], builder.load(vptr(x, builder.add(rows[r], f0)),
-                                                           align=size), zero)
+                zero = ir.Constant(g.vec, None)
+                v = [builder.select(valid[r], g.load(x, builder.add(rows[r], f0)), zero)
                      for r in range(W)]
                 v = _transpose(builder, v)
                 for r in range(W):
                     off = builder.add(builder.mul(builder.add(f0, i(r)), width), lane0)
-                    builder.store(v[r], vptr(xt, off), align=size)
+                    g.store(v[r], xt, off)
     return context.get_dummy_value()
 
 
@@ -297,22 +296,8 @@ def clenshaw_rows(typingctx, x, cf, D, scale, out, c):
         xa, cfa, sa, oa = (context.make_array(t)(context, builder, a) for t, a in
                            zip((signature.args[0], signature.args[1], signature.args[3],
                                 signature.args[4]), (args[0], args[1], args[3], args[4])))
-        intp = context.get_value_type(types.intp)
-        elem = context.get_value_type(signature.args[0].dtype)
-        vec = ir.VectorType(elem, W)
-        size = context.get_abi_sizeof(elem)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v%df%d" % (W, 8 * size))
-
-        def i(v):
-            return ir.Constant(intp, v)
-
-        def as_intp(v):
-            return v if v.type == intp else builder.sext(v, intp)
-
-        def vload(ary, off):
-            return builder.load(builder.bitcast(builder.gep(ary.data, [off]), vec.as_pointer()),
-                                align=size)
+        g = _tools(context, builder, signature.args[0].dtype)
+        i, as_intp, vload, vec, fma = g.const, g.as_intp, g.load, g.vec, g.fma
 
         def splat(v):
             e = builder.insert_element(ir.Constant(vec, None), v, ir.Constant(ir.IntType(32), 0))
@@ -349,8 +334,7 @@ def clenshaw_rows(typingctx, x, cf, D, scale, out, c):
             q = builder.load(q_vars[r])
             v = builder.fadd(builder.call(fma, [t[r], p, builder.fneg(q)]), c0)
             v = builder.fmul(v, vload(sa, i(r * W)))
-            builder.store(v, builder.bitcast(builder.gep(oa.data, [builder.add(row, i(r * W))]),
-                                             vec.as_pointer()), align=size)
+            g.store(v, oa, builder.add(row, i(r * W)))
         return context.get_dummy_value()
 
     return sig, codegen
