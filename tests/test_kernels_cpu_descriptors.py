@@ -317,6 +317,39 @@ def test_lanes_over_chunks(n_species):
     check_all(spec, d, centers, species, n_atoms, {np.float64: 1e-10, np.float32: 1e-5})
 
 
+def test_same_results_for_any_thread_count():
+    """Work items go to whichever thread is free (kernels/cpu/parallel.py): each item is
+    still computed by one worker, in the same order, so 1 and 2 threads agree bitwise."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    rng = np.random.default_rng(3)
+    n_atoms = 3 * K._W + 5
+    counts = rng.integers(0, 30, n_atoms)
+    centers = np.repeat(np.arange(n_atoms), counts).astype(np.int32)
+    u = rng.normal(size=(len(centers), 3))
+    d = u / np.linalg.norm(u, axis=1, keepdims=True) * rng.uniform(0.5, 3.4, (len(centers), 1))
+    species = rng.integers(0, 3, len(centers)).astype(np.int32)
+    offsets = K.offsets_from_centers(centers, n_atoms)
+    tables = K.make_tables(3, 3.5, 3, np.float32)
+    d = d.astype(np.float32)
+    X_bar = rng.normal(size=(n_atoms, K.n_features_of(tables))).astype(np.float32)
+    d_dot = rng.normal(size=d.shape).astype(np.float32)
+    out = []
+    old = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            X, A = run_forward(d, offsets, species, tables)
+            out.append((X, A, run_vjp(d, offsets, species, tables, A, X_bar),
+                        run_jvp(d, offsets, species, tables, A, d_dot)))
+    finally:
+        numba.set_num_threads(old)
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_jvp_ignores_tangents_of_inactive_pairs():
     """A non-finite tangent on a pair beyond r_cut (or of an unknown species) changes nothing."""
     tables = K.make_tables(2, 3.0, 2, np.float64)

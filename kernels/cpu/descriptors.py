@@ -64,7 +64,10 @@ Everything else (Y_lm, accumulation of A, the contractions) runs in the input dt
 
 Implementation
 --------------
-Parallel (``prange``) over work items of ``_W`` = 64 consecutive centres.  Inside one,
+Parallel over work items of ``_W`` = 64 consecutive centres: one worker per thread
+(``prange``), each claiming the next item when it is done with one (kernels/cpu/parallel.py:
+numba's static split made the fast thread wait whenever the VM slowed the other down),
+its scratch allocated once for all its items.  Inside one,
 the centres are lanes: sorted by decreasing pair count (counting sort), taken 16 at a
 time as a group, and a group's pairs are processed as rows (row j = pair j of each of its
 16 centres; centres with fewer pairs leave padding slots), 4 rows to a block of ``_B`` =
@@ -99,6 +102,7 @@ import math
 import numpy as np
 from numba import literally, njit, prange
 
+from .parallel import claim, num_threads
 from .simd import (clenshaw_rows, lanes_gather, lanes_scatter_products, lanes_to_rows,
                    rows_to_lanes)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
@@ -1153,6 +1157,16 @@ def _copy(src, dst):
 
 
 @njit(**_JIT)
+def _zero(a):
+    """a[...] = 0 for a C-contiguous array, as one flat loop (numba's a[...] = 0 on a 3-d
+    array is an indexed scalar loop: ~10% of a work item for the 56 kB At)."""
+    f = a.reshape(a.size)
+    zero = a.dtype.type(0.0)
+    for i in range(f.shape[0]):
+        f[i] = zero
+
+
+@njit(**_JIT)
 def _residual_out(At, c0, nc, A):
     """The work item's At (lanes k < nc) into its stretch of the residual, lane-major:
     flat A[c0 S n_nlm + (s n_nlm + q) nc + k] = At[s, q, k] (see "Residual")."""
@@ -1314,9 +1328,9 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
-    for ch in prange(n_chunks):
-        c0 = ch * _W
-        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+    n_w = max(1, min(n_chunks, num_threads()))  # one worker per thread
+    counter = np.full(1, n_w, np.int64)  # the next unclaimed work item (parallel.claim)
+    for w in prange(n_w):
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)
@@ -1354,26 +1368,32 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         Xt = np.empty((X.shape[1], _W), dt)  # the work item's X, lane-major
-        At = np.zeros((S, n_nlm, _W), dt)  # A of the chunk's lanes, centre-minor
-        gc = 0
-        jc = 0
-        for _ in range(n_blocks):
-            gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
-                                  gc, jc, ux, uy, uz, spc, pidx, rowg)
-            rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, vx, vy, vz, irt, valid, spc)
-            if use_poly:
-                _poly_block(r, rconsts, consts, poly, nl_index, False, rt, tt, qq, rl, sg, sd,
-                            g, g)
-            else:
-                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
-                              ja, jb, inv, g0, jv, djv, g, g)
-            _ylm(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
-            # contributions g_nl Y_lm, added lane-wise
-            _species_masks(valid, spc, one, zero, M)
-            _scatter_products((g, Y), col, lm, M, rowg, Mg, At)
-        _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt)
-        _lanes_to_rows(Xt, order, c0, nc, X)
-        _residual_out(At, c0, nc, A)
+        At = np.empty((S, n_nlm, _W), dt)  # A of the chunk's lanes, centre-minor
+        ch = np.int64(w)  # each worker's first item is its own, the rest go to whoever is free
+        while ch < n_chunks:
+            c0 = ch * _W
+            nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+            _zero(At)
+            gc = 0
+            jc = 0
+            for _ in range(n_blocks):
+                gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
+                                      gc, jc, ux, uy, uz, spc, pidx, rowg)
+                rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, vx, vy, vz, irt, valid, spc)
+                if use_poly:
+                    _poly_block(r, rconsts, consts, poly, nl_index, False, rt, tt, qq, rl, sg, sd,
+                                g, g)
+                else:
+                    _radial_block(r, rmin, rconsts, roots, W, series, nl_index, False,
+                                  ja, jb, inv, g0, jv, djv, g, g)
+                _ylm(vx, vy, vz, consts, ylm, False, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+                # contributions g_nl Y_lm, added lane-wise
+                _species_masks(valid, spc, one, zero, M)
+                _scatter_products((g, Y), col, lm, M, rowg, Mg, At)
+            _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt)
+            _lanes_to_rows(Xt, order, c0, nc, X)
+            _residual_out(At, c0, nc, A)
+            ch = claim(counter)
 
 
 @njit(parallel=True, **_JIT)
@@ -1396,9 +1416,9 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
-    for ch in prange(n_chunks):
-        c0 = ch * _W
-        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+    n_w = max(1, min(n_chunks, num_threads()))  # one worker per thread
+    counter = np.full(1, n_w, np.int64)  # the next unclaimed work item (parallel.claim)
+    for w in prange(n_w):
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)
@@ -1442,63 +1462,69 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
         t = np.empty(_B, dt)
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
-        At = np.zeros((S, n_nlm, _W), dt)
-        _residual_in(A, c0, nc, At)
+        At = np.empty((S, n_nlm, _W), dt)
         Xbt = np.empty((X_bar.shape[1], _W), dt)
-        _rows_to_lanes(X_bar, order, c0, nc, Xbt)
         AbT = np.empty((S, n_nlm, _W), dt)  # A_bar of the chunk's lanes, centre-minor
-        _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT)
-        gc = 0
-        jc = 0
-        for _ in range(n_blocks):
-            gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
-                                  gc, jc, ux, uy, uz, spc, pidx, rowg)
-            rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc)
-            if use_poly:
-                _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
-                            g, dg)
-            else:
-                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                              ja, jb, inv, g0, jv, djv, g, dg)
-            _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
-            # each slot's A_bar row (its centre's lane, its species); zero for invalid slots
-            _species_masks(valid, spc, one, zero, M)
-            _gather_lanes(AbT, M, rowg, Mg, Ab)
-            # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl  (vectorised over pairs)
-            _t_and_g(L, Ab, g, dg, Y, zero, t, G)
-            # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
-            for b in range(_B):
-                vx[b] = zero
-                vy[b] = zero
-                vz[b] = zero
-            for q in range(L * L):
-                for b in range(_B):
-                    gq = G[q, b]
-                    vx[b] += gq * dY[0, q, b]
-                    vy[b] += gq * dY[1, q, b]
-                    vz[b] += gq * dY[2, q, b]
-            for b in range(_B):
-                x = wx[b]
-                y = wy[b]
-                z = wz[b]
-                uv = x * vx[b] + y * vy[b] + z * vz[b]
-                i_r = irt[b]
-                tb = t[b]
-                vx[b] = x * tb + (vx[b] - x * uv) * i_r
-                vy[b] = y * tb + (vy[b] - y * uv) * i_r
-                vz[b] = z * tb + (vz[b] - z * uv) * i_r
-            for b in range(_B):
-                p = pidx[b]
-                if p < 0:
-                    continue
-                if valid[b]:
-                    d_bar[p, 0] = vx[b]
-                    d_bar[p, 1] = vy[b]
-                    d_bar[p, 2] = vz[b]
+        ch = np.int64(w)  # each worker's first item is its own, the rest go to whoever is free
+        while ch < n_chunks:
+            c0 = ch * _W
+            nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+            _zero(At)
+            _residual_in(A, c0, nc, At)
+            _rows_to_lanes(X_bar, order, c0, nc, Xbt)
+            _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT)
+            gc = 0
+            jc = 0
+            for _ in range(n_blocks):
+                gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
+                                      gc, jc, ux, uy, uz, spc, pidx, rowg)
+                rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc)
+                if use_poly:
+                    _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
+                                g, dg)
                 else:
-                    d_bar[p, 0] = zero
-                    d_bar[p, 1] = zero
-                    d_bar[p, 2] = zero
+                    _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                                  ja, jb, inv, g0, jv, djv, g, dg)
+                _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+                # each slot's A_bar row (its centre's lane, its species); zero for invalid slots
+                _species_masks(valid, spc, one, zero, M)
+                _gather_lanes(AbT, M, rowg, Mg, Ab)
+                # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl  (vectorised over pairs)
+                _t_and_g(L, Ab, g, dg, Y, zero, t, G)
+                # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
+                for b in range(_B):
+                    vx[b] = zero
+                    vy[b] = zero
+                    vz[b] = zero
+                for q in range(L * L):
+                    for b in range(_B):
+                        gq = G[q, b]
+                        vx[b] += gq * dY[0, q, b]
+                        vy[b] += gq * dY[1, q, b]
+                        vz[b] += gq * dY[2, q, b]
+                for b in range(_B):
+                    x = wx[b]
+                    y = wy[b]
+                    z = wz[b]
+                    uv = x * vx[b] + y * vy[b] + z * vz[b]
+                    i_r = irt[b]
+                    tb = t[b]
+                    vx[b] = x * tb + (vx[b] - x * uv) * i_r
+                    vy[b] = y * tb + (vy[b] - y * uv) * i_r
+                    vz[b] = z * tb + (vz[b] - z * uv) * i_r
+                for b in range(_B):
+                    p = pidx[b]
+                    if p < 0:
+                        continue
+                    if valid[b]:
+                        d_bar[p, 0] = vx[b]
+                        d_bar[p, 1] = vy[b]
+                        d_bar[p, 2] = vz[b]
+                    else:
+                        d_bar[p, 0] = zero
+                        d_bar[p, 1] = zero
+                        d_bar[p, 2] = zero
+            ch = claim(counter)
 
 
 @njit(parallel=True, **_JIT)
@@ -1519,9 +1545,9 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
     n_chunks = (N + _W - 1) // _W
-    for ch in prange(n_chunks):
-        c0 = ch * _W
-        nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+    n_w = max(1, min(n_chunks, num_threads()))  # one worker per thread
+    counter = np.full(1, n_w, np.int64)  # the next unclaimed work item (parallel.claim)
+    for w in prange(n_w):
         r = np.empty(_B, f8)
         ux = np.empty(_B, f8)
         uy = np.empty(_B, f8)
@@ -1565,55 +1591,62 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         Mg = np.empty((S, _B), dt)
         rho = np.empty(_B, dt)
         Xt = np.empty((X_dot.shape[1], _W), dt)  # the work item's X_dot, lane-major
-        At = np.zeros((S, n_nlm, _W), dt)
-        Adt = np.zeros((S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
-        _residual_in(A, c0, nc, At)
-        gc = 0
-        jc = 0
-        for _ in range(n_blocks):
-            gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
-                                  gc, jc, ux, uy, uz, spc, pidx, rowg)
-            rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc)
-            if use_poly:
-                _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
-                            g, dg)
-            else:
-                _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
-                              ja, jb, inv, g0, jv, djv, g, dg)
-            _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
-            # tangents of invalid slots are never read (a non-finite one must not reach A_dot)
-            for b in range(_B):
-                p = pidx[b]
-                if p >= 0 and valid[b]:
-                    ex[b] = d_dot[p, 0]
-                    ey[b] = d_dot[p, 1]
-                    ez[b] = d_dot[p, 2]
+        At = np.empty((S, n_nlm, _W), dt)
+        Adt = np.empty((S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
+        ch = np.int64(w)  # each worker's first item is its own, the rest go to whoever is free
+        while ch < n_chunks:
+            c0 = ch * _W
+            nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
+            _zero(At)
+            _zero(Adt)
+            _residual_in(A, c0, nc, At)
+            gc = 0
+            jc = 0
+            for _ in range(n_blocks):
+                gc, jc = _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax,
+                                      gc, jc, ux, uy, uz, spc, pidx, rowg)
+                rmin = _geometry(rconsts, S, r, ux, uy, uz, ir, wx, wy, wz, irt, valid, spc)
+                if use_poly:
+                    _poly_block(r, rconsts, consts, poly, nl_index, True, rt, tt, qq, rl, sg, sd,
+                                g, dg)
                 else:
-                    ex[b] = zero
-                    ey[b] = zero
-                    ez[b] = zero
-            # rho = u . d_dot;  tangent = (d_dot - u rho) / r  (overwrites e)
-            for b in range(_B):
-                x = wx[b]
-                y = wy[b]
-                z = wz[b]
-                rh = x * ex[b] + y * ey[b] + z * ez[b]
-                i_r = irt[b]
-                rho[b] = rh
-                ex[b] = (ex[b] - x * rh) * i_r
-                ey[b] = (ey[b] - y * rh) * i_r
-                ez[b] = (ez[b] - z * rh) * i_r
-            for q in range(L * L):
+                    _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
+                                  ja, jb, inv, g0, jv, djv, g, dg)
+                _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
+                # tangents of invalid slots are never read (a non-finite one must not reach A_dot)
                 for b in range(_B):
-                    Yt[q, b] = dY[0, q, b] * ex[b] + dY[1, q, b] * ey[b] + dY[2, q, b] * ez[b]
-            for c in range(n_nl):
+                    p = pidx[b]
+                    if p >= 0 and valid[b]:
+                        ex[b] = d_dot[p, 0]
+                        ey[b] = d_dot[p, 1]
+                        ez[b] = d_dot[p, 2]
+                    else:
+                        ex[b] = zero
+                        ey[b] = zero
+                        ez[b] = zero
+                # rho = u . d_dot;  tangent = (d_dot - u rho) / r  (overwrites e)
                 for b in range(_B):
-                    dg[c, b] *= rho[b]
-            # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
-            _species_masks(valid, spc, one, zero, M)
-            _scatter_products((dg, Y, g, Yt), col, lm, M, rowg, Mg, Adt)
-        _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt)
-        _lanes_to_rows(Xt, order, c0, nc, X_dot)
+                    x = wx[b]
+                    y = wy[b]
+                    z = wz[b]
+                    rh = x * ex[b] + y * ey[b] + z * ez[b]
+                    i_r = irt[b]
+                    rho[b] = rh
+                    ex[b] = (ex[b] - x * rh) * i_r
+                    ey[b] = (ey[b] - y * rh) * i_r
+                    ez[b] = (ez[b] - z * rh) * i_r
+                for q in range(L * L):
+                    for b in range(_B):
+                        Yt[q, b] = dY[0, q, b] * ex[b] + dY[1, q, b] * ey[b] + dY[2, q, b] * ez[b]
+                for c in range(n_nl):
+                    for b in range(_B):
+                        dg[c, b] *= rho[b]
+                # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
+                _species_masks(valid, spc, one, zero, M)
+                _scatter_products((dg, Y, g, Yt), col, lm, M, rowg, Mg, Adt)
+            _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt)
+            _lanes_to_rows(Xt, order, c0, nc, X_dot)
+            ch = claim(counter)
 
 
 # ---------------------------------------------------------------------------
