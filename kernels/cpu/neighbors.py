@@ -51,8 +51,9 @@ systems (>= 8 atoms per r_cut-wide bin) the bins along direction 0 are halved
 adding segments.  Count pass: a vectorised compare-and-count per segment.
 Fill pass: branch-free compaction per segment, then the writes; pairs within
 a few ulps of r_cut are re-decided with ASE's formula in both passes.  Work
-is split over chunks of bins with ``prange`` (N >= 4096; smaller systems run
-serially because a parallel region costs more than the whole search).
+is split over chunks of bins, claimed by one worker per thread (N >= 4096;
+smaller systems run serially because a parallel region costs more than the
+whole search).
 Memory: O(N) for bins and sorted copies (~70 bytes/atom, ~110 at the peak of
 the binning step) plus 20 bytes per pair for the output.
 
@@ -85,6 +86,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .parallel import claim, num_threads
 
 __all__ = [
     "count_and_fill",
@@ -771,8 +774,15 @@ def _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
 
 @njit(cache=True, parallel=True)
 def _count_par(positions, state, counts_sorted, nchunks):
-    for ch in prange(nchunks):
-        _count_chunk(ch, nchunks, positions, state, counts_sorted)
+    # one worker per thread claiming chunks (kernels/cpu/parallel.py: balanced when the
+    # VM runs one core slower than the other)
+    n_w = max(1, min(nchunks, num_threads()))
+    counter = np.full(1, n_w, np.int64)
+    for w in prange(n_w):
+        ch = np.int64(w)
+        while ch < nchunks:
+            _count_chunk(ch, nchunks, positions, state, counts_sorted)
+            ch = claim(counter)
 
 
 @njit(cache=True)
@@ -784,9 +794,14 @@ def _count_ser(positions, state, counts_sorted, nchunks):
 @njit(cache=True, parallel=True)
 def _fill_par(positions, state, offsets, capacity, centers_out, neighbors_out,
               shifts_out, nchunks):
-    for ch in prange(nchunks):
-        _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
-                    centers_out, neighbors_out, shifts_out)
+    n_w = max(1, min(nchunks, num_threads()))  # as _count_par
+    counter = np.full(1, n_w, np.int64)
+    for w in prange(n_w):
+        ch = np.int64(w)
+        while ch < nchunks:
+            _fill_chunk(ch, nchunks, positions, state, offsets, capacity,
+                        centers_out, neighbors_out, shifts_out)
+            ch = claim(counter)
 
 
 @njit(cache=True)
