@@ -103,8 +103,8 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .parallel import claim, num_threads
-from .simd import (clenshaw_rows, lanes_gather, lanes_scatter_products, lanes_to_rows,
-                   rows_to_lanes)
+from .simd import (clenshaw_rows, lanes_abar, lanes_gather, lanes_power_spectrum,
+                   lanes_scatter_products, lanes_to_rows, rows_to_lanes)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
 __all__ = ["make_tables", "descriptors_fwd", "descriptors_vjp", "descriptors_jvp",
@@ -1224,9 +1224,29 @@ def _lanes_to_rows(Xt, order, c0, nc, X):
 
 
 @njit(**_JIT)
-def _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT):
+def _abar_lanes(At, Xbt, pair_index, ia, ib, n_nl, col, two, AbT):
     """AbT[a, q, k] = sum_b w_ab Xbar^{(ab)}_{col(q)} A^b_q (w = 2 for a = b:
     X^{aa} = sum A^a A^a), vectorised over the 64 lanes."""
+    S = At.shape[0]
+    if S == 1:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 1)
+        return
+    elif S == 2:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 2)
+        return
+    elif S == 3:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 3)
+        return
+    elif S == 4:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 4)
+        return
+    elif S == 5:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 5)
+        return
+    elif S == 6:
+        lanes_abar(AbT, At, Xbt, pair_index, col, 6)
+        return
+    # more species than the vector code is specialised for
     n_nlm = At.shape[1]
     for a in range(At.shape[0]):
         for q in range(n_nlm):
@@ -1275,35 +1295,39 @@ def _unpermute(A, offsets, P, out):
 
 
 @njit(**_JIT)
-def _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt):
-    """Xt[(ab) block, k] = sum_m A^a_{nlm} A^b_{nlm} for the 64 lanes k."""
-    for pb in range(ia.shape[0]):
-        a = ia[pb]
-        b = ib[pb]
-        for c in range(n_nl):
-            o = start[c]
-            f = pb * n_nl + c
-            for k in range(_W):
-                Xt[f, k] = At[a, o, k] * At[b, o, k]
-            for q in range(o + 1, o + length[c]):
+def _power_spectrum_t(arrays, pair_index, ia, ib, n_nl, start, length, Xt):
+    """Xt[(ab) block, k] = sum_m A^a_{nlm} A^b_{nlm} (arrays = (At,)) or
+    sum_m (Adot^a A^b + A^a Adot^b) (arrays = (At, Adt)) for the 64 lanes k."""
+    S = arrays[0].shape[0]
+    if S == 1:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 1)
+    elif S == 2:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 2)
+    elif S == 3:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 3)
+    elif S == 4:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 4)
+    elif S == 5:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 5)
+    elif S == 6:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 6)
+    else:  # more species than the vector code is specialised for
+        At = arrays[0]
+        Adt = arrays[len(arrays) - 1]
+        dot = len(arrays) == 2
+        for pb in range(ia.shape[0]):
+            a = ia[pb]
+            b = ib[pb]
+            for c in range(n_nl):
+                f = pb * n_nl + c
                 for k in range(_W):
-                    Xt[f, k] += At[a, q, k] * At[b, q, k]
-
-
-@njit(**_JIT)
-def _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt):
-    """Xt[(ab) block, k] = sum_m (Adot^a A^b + A^a Adot^b) for the 64 lanes k."""
-    for pb in range(ia.shape[0]):
-        a = ia[pb]
-        b = ib[pb]
-        for c in range(n_nl):
-            o = start[c]
-            f = pb * n_nl + c
-            for k in range(_W):
-                Xt[f, k] = Adt[a, o, k] * At[b, o, k] + At[a, o, k] * Adt[b, o, k]
-            for q in range(o + 1, o + length[c]):
-                for k in range(_W):
-                    Xt[f, k] += Adt[a, q, k] * At[b, q, k] + At[a, q, k] * Adt[b, q, k]
+                    Xt[f, k] = 0.0
+                for q in range(start[c], start[c] + length[c]):
+                    for k in range(_W):
+                        if dot:
+                            Xt[f, k] += Adt[a, q, k] * At[b, q, k] + At[a, q, k] * Adt[b, q, k]
+                        else:
+                            Xt[f, k] += At[a, q, k] * At[b, q, k]
 
 
 # ---------------------------------------------------------------------------
@@ -1390,7 +1414,7 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
                 # contributions g_nl Y_lm, added lane-wise
                 _species_masks(valid, spc, one, zero, M)
                 _scatter_products((g, Y), col, lm, M, rowg, Mg, At)
-            _power_spectrum_t(At, ia, ib, n_nl, start, length, Xt)
+            _power_spectrum_t((At,), pair_index, ia, ib, n_nl, start, length, Xt)
             _lanes_to_rows(Xt, order, c0, nc, X)
             _residual_out(At, c0, nc, A)
             ch = claim(counter)
@@ -1472,7 +1496,7 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
             _zero(At)
             _residual_in(A, c0, nc, At)
             _rows_to_lanes(X_bar, order, c0, nc, Xbt)
-            _abar_lanes(At, Xbt, ia, ib, n_nl, col, two, AbT)
+            _abar_lanes(At, Xbt, pair_index, ia, ib, n_nl, col, two, AbT)
             gc = 0
             jc = 0
             for _ in range(n_blocks):
@@ -1644,7 +1668,7 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
                 # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
                 _species_masks(valid, spc, one, zero, M)
                 _scatter_products((dg, Y, g, Yt), col, lm, M, rowg, Mg, Adt)
-            _power_spectrum_dot_t(At, Adt, ia, ib, n_nl, start, length, Xt)
+            _power_spectrum_t((At, Adt), pair_index, ia, ib, n_nl, start, length, Xt)
             _lanes_to_rows(Xt, order, c0, nc, X_dot)
             ch = claim(counter)
 

@@ -10,7 +10,9 @@ code stays scalar.  These intrinsics emit the vector loads, FMAs and stores dire
 keep the S x 4 mask vectors in registers over the loop on q.  The scatter forms each
 contribution row as a product of a radial row and an angular row (g_nl Y_lm, or two such
 products in the jvp) in registers: writing the 55 x 64 products to a block and reading
-them back cost ~8% of the float32 forward pass.
+them back cost ~8% of the float32 forward pass.  The per-centre contractions of a work
+item (the power spectrum, its jvp, the vjp's A_bar) keep their sums over the species
+pairs in registers the same way (``lanes_power_spectrum``, ``lanes_abar``).
 
 All arrays are C-contiguous, of one float dtype; no bounds checks (the callers' shapes
 guarantee them).  ``S`` must be an integer literal (the kernels dispatch on it).
@@ -81,18 +83,34 @@ def _check(arrays, S):
                and isinstance(dt, types.Float) for a in arrays)
 
 
-def _scatter_loop(builder, g, at, rows):
-    """At[s, q, o:o+16] += sum_r rows(q)[r] * M[s, 16r:16r+16] for every q, s."""
+def _scatter_loop(builder, g, at, rows, n_terms):
+    """At[s, q, o:o+16] += sum_r rows(q)[r] * M[s, 16r:16r+16] for every q, s.
+
+    A mask is 1 or 0, so each term is added either as an FMA with the float mask or as an
+    add under the mask's bit (bitwise the same sum).  All FMAs would keep the FMA pipes
+    busy (the products themselves need them too) while the add pipes idle; the terms are
+    split so that both carry about the same number of operations."""
     i = g.const
+    n_s = len(g.mv)
+    n_mul = n_terms * 2 - 1  # multiplies / FMAs forming one row's contribution
+    n_add = (n_s * ROWS + n_mul * ROWS + 1) // 2
+    zero = ir.Constant(g.vec, None)
+    # the last n_add (s, r) terms go to the add pipes: their bit masks, hoisted
+    plan = [[(s * ROWS + r) >= n_s * ROWS - n_add for r in range(ROWS)] for s in range(n_s)]
+    kv = [[builder.fcmp_unordered("une", g.mv[s][r], zero) if plan[s][r] else None
+           for r in range(ROWS)] for s in range(n_s)]
     with cgutils.for_range(builder, g.n_nlm) as loop:
         q = loop.index
         cv = rows(q)
         row = builder.add(builder.mul(q, g.width), g.o)
-        for s in range(len(g.mv)):
+        for s in range(n_s):
             off = builder.add(builder.mul(i(s), g.plane), row)
             acc = g.load(at, off)
             for r in range(ROWS):
-                acc = builder.call(g.fma, [cv[r], g.mv[s][r], acc])
+                if plan[s][r]:
+                    acc = builder.select(kv[s][r], builder.fadd(acc, cv[r]), acc)
+                else:
+                    acc = builder.call(g.fma, [cv[r], g.mv[s][r], acc])
             g.store(acc, at, off)
 
 
@@ -140,7 +158,7 @@ def lanes_scatter_products(typingctx, At, o, blocks, ci, cj, M, S):
                        [builder.call(g.fma, [x, y, z]) for x, y, z in zip(a, b, acc)])
             return acc
 
-        _scatter_loop(builder, g, g.arys[0], rows)
+        _scatter_loop(builder, g, g.arys[0], rows, n_terms)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -335,6 +353,123 @@ def clenshaw_rows(typingctx, x, cf, D, scale, out, c):
             v = builder.fadd(builder.call(fma, [t[r], p, builder.fneg(q)]), c0)
             v = builder.fmul(v, vload(sa, i(r * W)))
             g.store(v, oa, builder.add(row, i(r * W)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def lanes_power_spectrum(typingctx, Xt, arrays, pair_index, start, length, S):
+    """Xt[pair_index[a, b] n_nl + c, k] = sum over the m run q of column c of
+    A^a_q A^b_q (arrays = (At,)) or of Adot^a_q A^b_q + A^a_q Adot^b_q (arrays = (At, Adt)),
+    for the species pairs a <= b, the n_nl columns c and the lanes k.
+
+    Per column and 16 lanes, the S species' rows of each q are loaded once and the
+    S (S + 1) / 2 sums stay in registers over the m run (as numba loops, each pair's Xt row
+    was read and written back once per q: ~4x the FMA time).  At, Adt (S, n_nlm, width);
+    Xt (F, width), width a multiple of 16; pair_index (S, S); start, length (n_nl,)."""
+    if not (isinstance(arrays, types.UniTuple) and arrays.count in (1, 2)
+            and _check((Xt, arrays.dtype), S) and isinstance(pair_index, types.Array)
+            and all(isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
+                    and a.layout == "C" for a in (pair_index, start, length))):
+        return None
+    n_s = S.literal_value
+    dot = arrays.count == 2
+    sig = types.void(Xt, arrays, pair_index, start, length, S)
+
+    def codegen(context, builder, signature, args):
+        g = _tools(context, builder, signature.args[0].dtype)
+        i = g.const
+        xt = context.make_array(signature.args[0])(context, builder, args[0])
+        arys = [context.make_array(arrays.dtype)(context, builder, v)
+                for v in cgutils.unpack_tuple(builder, args[1], arrays.count)]
+        pidx, st, ln = (context.make_array(signature.args[k])(context, builder, args[k])
+                        for k in (2, 3, 4))
+        _, n_nlm, width = cgutils.unpack_tuple(builder, arys[0].shape, 3)
+        plane = builder.mul(n_nlm, width)
+        n_nl = cgutils.unpack_tuple(builder, st.shape, 1)[0]
+        pairs = [(a, b) for a in range(n_s) for b in range(a, n_s)]
+        pair_rows = [_index(builder, g, pidx, i(a * n_s + b)) for a, b in pairs]
+        accs = [cgutils.alloca_once(builder, g.vec) for _ in pairs]
+        zero = ir.Constant(g.vec, None)
+        with cgutils.for_range(builder, n_nl) as cl:
+            c = cl.index
+            q0 = _index(builder, g, st, c)
+            n_m = _index(builder, g, ln, c)
+            with cgutils.for_range(builder, builder.sdiv(width, i(W))) as hl:
+                lane = builder.mul(hl.index, i(W))
+                for acc in accs:
+                    builder.store(zero, acc)
+                with cgutils.for_range(builder, n_m) as ml:
+                    row = builder.add(builder.mul(builder.add(q0, ml.index), width), lane)
+                    offs = [builder.add(builder.mul(i(s), plane), row) for s in range(n_s)]
+                    v = [g.load(arys[0], o) for o in offs]
+                    w = [g.load(arys[1], o) for o in offs] if dot else None
+                    for (a, b), acc in zip(pairs, accs):
+                        x = builder.load(acc)
+                        if dot:
+                            x = builder.call(g.fma, [v[a], w[b], x])
+                            x = builder.call(g.fma, [w[a], v[b], x])
+                        else:
+                            x = builder.call(g.fma, [v[a], v[b], x])
+                        builder.store(x, acc)
+                for pr, acc in zip(pair_rows, accs):
+                    f = builder.add(builder.mul(pr, n_nl), c)
+                    g.store(builder.load(acc), xt, builder.add(builder.mul(f, width), lane))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def lanes_abar(typingctx, AbT, At, Xbt, pair_index, col, S):
+    """AbT[a, q, k] = sum_b w_ab Xbt[pair_index[min(a, b), max(a, b)] n_nl + col[q], k]
+    At[b, q, k], w = 2 for a = b (X^{aa} = sum A^a A^a) and 1 otherwise, for every q and
+    lane k (n_nl = Xbt's rows / the number of pairs).
+
+    Per q and 16 lanes the S rows of At and the S (S + 1) / 2 rows of Xbt are loaded once
+    and the S sums kept in registers (as numba loops, AbT was read and written back once
+    per pair).  AbT, At (S, n_nlm, width); Xbt (F, width); pair_index (S, S); col (n_nlm,)."""
+    if not (_check((AbT, At, Xbt), S) and all(
+            isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
+            and a.layout == "C" for a in (pair_index, col))):
+        return None
+    n_s = S.literal_value
+    sig = types.void(AbT, At, Xbt, pair_index, col, S)
+
+    def codegen(context, builder, signature, args):
+        g = _tools(context, builder, signature.args[0].dtype)
+        i = g.const
+        abt, at, xbt, pidx, cl = (context.make_array(t)(context, builder, a)
+                                  for t, a in zip(signature.args[:5], args[:5]))
+        _, n_nlm, width = cgutils.unpack_tuple(builder, at.shape, 3)
+        plane = builder.mul(n_nlm, width)
+        n_pairs = n_s * (n_s + 1) // 2
+        n_nl = builder.sdiv(cgutils.unpack_tuple(builder, xbt.shape, 2)[0], i(n_pairs))
+        pairs = [(a, b) for a in range(n_s) for b in range(a, n_s)]
+        pair_rows = [builder.mul(_index(builder, g, pidx, i(a * n_s + b)), n_nl)
+                     for a, b in pairs]
+        with cgutils.for_range(builder, n_nlm) as ql:
+            q = ql.index
+            c = _index(builder, g, cl, q)
+            with cgutils.for_range(builder, builder.sdiv(width, i(W))) as hl:
+                lane = builder.mul(hl.index, i(W))
+                row = builder.add(builder.mul(q, width), lane)
+                offs = [builder.add(builder.mul(i(s), plane), row) for s in range(n_s)]
+                v = [g.load(at, o) for o in offs]
+                acc = [None] * n_s
+                for (a, b), pr in zip(pairs, pair_rows):
+                    x = g.load(xbt, builder.add(builder.mul(builder.add(pr, c), width), lane))
+                    if a == b:
+                        x = builder.fadd(x, x)
+                        terms = ((a, v[a]),)
+                    else:
+                        terms = ((a, v[b]), (b, v[a]))
+                    for t, y in terms:
+                        acc[t] = (builder.fmul(x, y) if acc[t] is None else
+                                  builder.call(g.fma, [x, y, acc[t]]))
+                for s in range(n_s):
+                    g.store(acc[s], abt, offs[s])
         return context.get_dummy_value()
 
     return sig, codegen
