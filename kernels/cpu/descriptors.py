@@ -944,8 +944,9 @@ def _chunk_groups(order, cnt, nc, gmax):
 @njit(**_JIT)
 def _chunk_plan(offsets, c0, N, P):
     """Work item c0 .. c0 + nc - 1 (at most _W centres): (nc, beg, cnt, order, gmax,
-    n_blocks), the lanes of _chunk_lanes and _chunk_groups and its number of blocks (one
-    plan for all three kernels: the residual's layout depends on it)."""
+    n_blocks): the lanes of _chunk_lanes (but beg[pos], cnt[pos] the run of the centre at
+    lane position pos, 0 pairs beyond nc), _chunk_groups and its number of blocks (one plan
+    for all three kernels: the residual's layout depends on it)."""
     nc = min(N, c0 + _W) - c0
     beg = np.empty(_W, np.int64)
     cnt = np.empty(_W, np.int64)
@@ -953,7 +954,13 @@ def _chunk_plan(offsets, c0, N, P):
     _chunk_lanes(offsets, c0, c0 + nc, P, beg, cnt, order)
     gmax = np.empty(_W // _G, np.int64)
     n_blocks = (_chunk_groups(order, cnt, nc, gmax) + _R - 1) // _R
-    return nc, beg, cnt, order, gmax, n_blocks
+    # by lane position: the gather reads them without the indirection through order
+    lbeg = np.zeros(_W, np.int64)
+    lcnt = np.zeros(_W, np.int64)
+    for pos in range(nc):
+        lbeg[pos] = beg[order[pos]]
+        lcnt[pos] = cnt[order[pos]]
+    return nc, lbeg, lcnt, order, gmax, n_blocks
 
 
 @njit(**_JIT)
@@ -972,10 +979,8 @@ def _gather_rows(displacements, neighbor_species, order, cnt, beg, nc, gmax, g, 
             b = rr * _G + lane
             pos = g * _G + lane
             p = -1
-            if g < n_groups and pos < nc:
-                k = order[pos]
-                if j < cnt[k]:
-                    p = beg[k] + j
+            if g < n_groups and j < cnt[pos]:
+                p = beg[pos] + j
             pidx[b] = p
             if p >= 0:
                 spc[b] = neighbor_species[p]
