@@ -103,7 +103,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .parallel import claim, num_threads
-from .simd import (clenshaw_rows, lanes_abar, lanes_gather, lanes_power_spectrum,
+from .simd import (MAX_SPECIES, clenshaw_rows, lanes_abar, lanes_gather, lanes_power_spectrum,
                    lanes_scatter_products, lanes_to_rows, rows_to_lanes)
 from .ylm_unrolled import ylm_1, ylm_2, ylm_3, ylm_4, ylm_5, ylm_6
 
@@ -1039,18 +1039,8 @@ def _scatter_products(blocks, ci, cj, M, rowg, Mg, At):
 @njit(**_JIT)
 def _lanes_scatter_products(blocks, ci, cj, M, o, At):
     S = At.shape[0]
-    if S == 1:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 1)
-    elif S == 2:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 2)
-    elif S == 3:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 3)
-    elif S == 4:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 4)
-    elif S == 5:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 5)
-    elif S == 6:
-        lanes_scatter_products(At, o, blocks, ci, cj, M, 6)
+    if S <= MAX_SPECIES:
+        lanes_scatter_products(At, o, blocks, ci, cj, M, S)
     else:  # more species than the vector code is specialised for
         for s in range(S):
             for q in range(At.shape[1]):
@@ -1084,18 +1074,8 @@ def _gather_lanes(AbT, M, rowg, Mg, Ab):
 @njit(**_JIT)
 def _lanes_gather(AbT, M, o, accumulate, Ab):
     S = AbT.shape[0]
-    if S == 1:
-        lanes_gather(AbT, o, M, Ab, 1, accumulate)
-    elif S == 2:
-        lanes_gather(AbT, o, M, Ab, 2, accumulate)
-    elif S == 3:
-        lanes_gather(AbT, o, M, Ab, 3, accumulate)
-    elif S == 4:
-        lanes_gather(AbT, o, M, Ab, 4, accumulate)
-    elif S == 5:
-        lanes_gather(AbT, o, M, Ab, 5, accumulate)
-    elif S == 6:
-        lanes_gather(AbT, o, M, Ab, 6, accumulate)
+    if S <= MAX_SPECIES:
+        lanes_gather(AbT, o, M, Ab, S, accumulate)
     else:
         for q in range(AbT.shape[1]):
             for rr in range(_R):
@@ -1233,23 +1213,8 @@ def _abar_lanes(At, Xbt, pair_index, ia, ib, n_nl, col, two, AbT):
     """AbT[a, q, k] = sum_b w_ab Xbar^{(ab)}_{col(q)} A^b_q (w = 2 for a = b:
     X^{aa} = sum A^a A^a), vectorised over the 64 lanes."""
     S = At.shape[0]
-    if S == 1:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 1)
-        return
-    elif S == 2:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 2)
-        return
-    elif S == 3:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 3)
-        return
-    elif S == 4:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 4)
-        return
-    elif S == 5:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 5)
-        return
-    elif S == 6:
-        lanes_abar(AbT, At, Xbt, pair_index, col, 6)
+    if S <= MAX_SPECIES:
+        lanes_abar(AbT, At, Xbt, pair_index, col, S)
         return
     # more species than the vector code is specialised for
     n_nlm = At.shape[1]
@@ -1304,18 +1269,8 @@ def _power_spectrum_t(arrays, pair_index, ia, ib, n_nl, start, length, Xt):
     """Xt[(ab) block, k] = sum_m A^a_{nlm} A^b_{nlm} (arrays = (At,)) or
     sum_m (Adot^a A^b + A^a Adot^b) (arrays = (At, Adt)) for the 64 lanes k."""
     S = arrays[0].shape[0]
-    if S == 1:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 1)
-    elif S == 2:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 2)
-    elif S == 3:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 3)
-    elif S == 4:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 4)
-    elif S == 5:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 5)
-    elif S == 6:
-        lanes_power_spectrum(Xt, arrays, pair_index, start, length, 6)
+    if S <= MAX_SPECIES:
+        lanes_power_spectrum(Xt, arrays, pair_index, start, length, S)
     else:  # more species than the vector code is specialised for
         At = arrays[0]
         Adt = arrays[len(arrays) - 1]

@@ -15,7 +15,8 @@ item (the power spectrum, its jvp, the vjp's A_bar) keep their sums over the spe
 pairs in registers the same way (``lanes_power_spectrum``, ``lanes_abar``).
 
 All arrays are C-contiguous, of one float dtype; no bounds checks (the callers' shapes
-guarantee them).  ``S`` must be an integer literal (the kernels dispatch on it).
+guarantee them).  ``S``, the species count, must be at most ``MAX_SPECIES`` (the
+callers take a plain loop above it).
 """
 from __future__ import annotations
 
@@ -75,8 +76,26 @@ def _setup(context, builder, sig, args, lanes, masks, n_s):
     return g
 
 
+MAX_SPECIES = 6  # the species counts the vector code is generated for (callers check)
+
+
+def _species_cases(builder, S, body):
+    """Emit ``body(n_s)`` once per species count n_s = 1 .. MAX_SPECIES behind a switch on
+    the run-time S: the S x 4 masks and the S rows of a q must be distinct registers, so
+    each count gets its own straight-line code; S outside that range does nothing."""
+    end = builder.append_basic_block("species.end")
+    sw = builder.switch(S, end)
+    for n_s in range(1, MAX_SPECIES + 1):
+        bb = builder.append_basic_block("species.%d" % n_s)
+        sw.add_case(ir.Constant(S.type, n_s), bb)
+        with builder.goto_block(bb):
+            body(n_s)
+            builder.branch(end)
+    builder.position_at_end(end)
+
+
 def _check(arrays, S):
-    if not isinstance(S, types.IntegerLiteral):
+    if not isinstance(S, types.Integer):
         return False
     dt = arrays[0].dtype
     return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == dt
@@ -138,11 +157,10 @@ def lanes_scatter_products(typingctx, At, o, blocks, ci, cj, M, S):
                 isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
                 and a.layout == "C" for a in (ci, cj))):
         return None
-    n_s = S.literal_value
     n_terms = blocks.count // 2
     sig = types.void(At, o, blocks, ci, cj, M, S)
 
-    def codegen(context, builder, signature, args):
+    def emit(context, builder, signature, args, n_s):
         g = _setup(context, builder, signature, args, 0, 5, n_s)
         arys = [context.make_array(blocks.dtype)(context, builder, v)
                 for v in cgutils.unpack_tuple(builder, args[2], blocks.count)]
@@ -159,6 +177,10 @@ def lanes_scatter_products(typingctx, At, o, blocks, ci, cj, M, S):
             return acc
 
         _scatter_loop(builder, g, g.arys[0], rows, n_terms)
+
+    def codegen(context, builder, signature, args):
+        _species_cases(builder, args[6],
+                       lambda n_s: emit(context, builder, signature, args, n_s))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -172,10 +194,9 @@ def lanes_gather(typingctx, AbT, o, M, Ab, S, accumulate):
     values are added when true, ignored otherwise)."""
     if not _check((AbT, M, Ab), S) or not isinstance(accumulate, types.Boolean):
         return None
-    n_s = S.literal_value
     sig = types.void(AbT, o, M, Ab, S, types.boolean)
 
-    def codegen(context, builder, signature, args):
+    def emit(context, builder, signature, args, n_s):
         g = _setup(context, builder, signature, args, 0, 2, n_s)
         abt, ab = g.arys[0], g.arys[3]
         i = g.const
@@ -190,6 +211,10 @@ def lanes_gather(typingctx, AbT, o, M, Ab, S, accumulate):
                 for s in range(n_s):
                     acc = builder.call(g.fma, [av[s], g.mv[s][r], acc])
                 g.store(acc, ab, off)
+
+    def codegen(context, builder, signature, args):
+        _species_cases(builder, args[4],
+                       lambda n_s: emit(context, builder, signature, args, n_s))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -373,11 +398,10 @@ def lanes_power_spectrum(typingctx, Xt, arrays, pair_index, start, length, S):
             and all(isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
                     and a.layout == "C" for a in (pair_index, start, length))):
         return None
-    n_s = S.literal_value
     dot = arrays.count == 2
     sig = types.void(Xt, arrays, pair_index, start, length, S)
 
-    def codegen(context, builder, signature, args):
+    def emit(context, builder, signature, args, n_s):
         g = _tools(context, builder, signature.args[0].dtype)
         i = g.const
         xt = context.make_array(signature.args[0])(context, builder, args[0])
@@ -416,6 +440,10 @@ def lanes_power_spectrum(typingctx, Xt, arrays, pair_index, start, length, S):
                 for pr, acc in zip(pair_rows, accs):
                     f = builder.add(builder.mul(pr, n_nl), c)
                     g.store(builder.load(acc), xt, builder.add(builder.mul(f, width), lane))
+
+    def codegen(context, builder, signature, args):
+        _species_cases(builder, args[5],
+                       lambda n_s: emit(context, builder, signature, args, n_s))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -434,10 +462,9 @@ def lanes_abar(typingctx, AbT, At, Xbt, pair_index, col, S):
             isinstance(a, types.Array) and isinstance(a.dtype, types.Integer)
             and a.layout == "C" for a in (pair_index, col))):
         return None
-    n_s = S.literal_value
     sig = types.void(AbT, At, Xbt, pair_index, col, S)
 
-    def codegen(context, builder, signature, args):
+    def emit(context, builder, signature, args, n_s):
         g = _tools(context, builder, signature.args[0].dtype)
         i = g.const
         abt, at, xbt, pidx, cl = (context.make_array(t)(context, builder, a)
@@ -470,6 +497,10 @@ def lanes_abar(typingctx, AbT, At, Xbt, pair_index, col, S):
                                   builder.call(g.fma, [x, y, acc[t]]))
                 for s in range(n_s):
                     g.store(acc[s], abt, offs[s])
+
+    def codegen(context, builder, signature, args):
+        _species_cases(builder, args[5],
+                       lambda n_s: emit(context, builder, signature, args, n_s))
         return context.get_dummy_value()
 
     return sig, codegen
