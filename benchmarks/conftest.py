@@ -6,9 +6,12 @@ import time
 import pytest
 
 
-def timed_pedantic(benchmark, fn, rounds, warmup_rounds):
-    """``benchmark.pedantic`` of ``fn`` with one call per round: (last result, min seconds)."""
-    times = []
+def timed_pedantic(benchmark, fn, rounds, warmup_rounds, times=None):
+    """``benchmark.pedantic`` of ``fn`` with one call per round: (last result, min seconds).
+
+    ``times``: an optional list that receives every call's seconds, warm-up rounds first.
+    """
+    times = [] if times is None else times
 
     def timed():
         t0 = time.perf_counter()

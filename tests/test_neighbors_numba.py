@@ -343,6 +343,69 @@ def test_mmap_output_path(monkeypatch):
     assert_same_pairs((i, j, S), ref, positions, cell, 4.0)
 
 
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_mmap_output_recycled_only_when_idle(monkeypatch):
+    """Large output buffers are reused only after every array (and view) from them died."""
+    import gc
+
+    monkeypatch.setattr(nbm_module, "_MMAP_MIN_BYTES", 0)
+    nbm_module.release_output_buffers()
+    rng = np.random.default_rng(6)
+    cell = np.eye(3) * 11.0
+    pbc = np.array([True] * 3)
+    pos_a = rng.uniform(0, 11.0, size=(250, 3))
+    pos_b = rng.uniform(0, 11.0, size=(200, 3))  # fewer pairs than pos_a
+    ref_a = ase_pairs(pos_a, cell, pbc, 4.0)
+    ref_b = ase_pairs(pos_b, cell, pbc, 4.0)
+
+    a = neighbor_pairs_numba(pos_a, cell, pbc, 4.0)
+    keep_a = tuple(x.copy() for x in a)
+    addr_x = _address(a[0])
+    view = a[2][5:9]  # a view alone keeps the buffer busy
+    del a
+    gc.collect()
+    b = neighbor_pairs_numba(pos_b, cell, pbc, 4.0)
+    addr_y = _address(b[0])
+    assert addr_y != addr_x
+    assert np.array_equal(view, keep_a[2][5:9])  # not overwritten by the second build
+    assert_same_pairs(b, ref_b, pos_b, cell, 4.0)
+    del view
+    gc.collect()
+    c = neighbor_pairs_numba(pos_a, cell, pbc, 4.0)  # X idle and large enough
+    assert _address(c[0]) == addr_x
+    for x, y in zip(c, keep_a):
+        assert np.array_equal(x, y)
+    d = neighbor_pairs_numba(pos_b, cell, pbc, 4.0)  # X and Y busy: a third buffer
+    for old in (b, c):
+        assert not any(np.shares_memory(x, y) for x in old for y in d)
+    assert_same_pairs(b, ref_b, pos_b, cell, 4.0)
+    assert_same_pairs(c, ref_a, pos_a, cell, 4.0)
+    assert_same_pairs(d, ref_b, pos_b, cell, 4.0)
+    assert len(nbm_module._pool) == nbm_module._POOL_SIZE
+    del b
+    gc.collect()
+    e = neighbor_pairs_numba(pos_b, cell, pbc, 4.0)  # Y idle again
+    assert _address(e[0]) == addr_y
+    assert_same_pairs(e, ref_b, pos_b, cell, 4.0)
+    del c, d, e
+    gc.collect()
+
+    # rebinding in a loop (the old list alive while the new one is built): two buffers
+    pairs = neighbor_pairs_numba(pos_a, cell, pbc, 4.0)
+    seen = set()
+    for _ in range(4):
+        pairs = neighbor_pairs_numba(pos_a, cell, pbc, 4.0)
+        seen.add(_address(pairs[0]))
+        assert_same_pairs(pairs, ref_a, pos_a, cell, 4.0)
+    assert len(seen) == 2
+    del pairs
+    nbm_module.release_output_buffers()
+    assert not nbm_module._pool
+
+
 # ------------------------------------------------------ Triton version
 def _triton_env():
     """(torch, triton neighbour module) or skip with the reason."""

@@ -80,6 +80,8 @@ neighbors_out, shifts_out)``.
 
 import math
 import mmap
+import sys
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -92,6 +94,7 @@ from .parallel import claim, num_threads
 __all__ = [
     "count_and_fill",
     "neighbor_pairs_numba",
+    "release_output_buffers",
     "search_count",
     "search_fill",
     "ERR_NONFINITE",
@@ -965,32 +968,73 @@ def _raise_for(code, positions, cell, pbc, r_cut):
     raise ValueError(msg)
 
 
-_MMAP_MIN_BYTES = 64 << 20
+# glibc's malloc recycles blocks below its largest mmap threshold (32 MiB on 64-bit);
+# larger ones are fresh mmaps on every call, as ours would be without the pool
+_MMAP_MIN_BYTES = 32 << 20
+_pool_lock = threading.Lock()
+_pool: list = []  # the last _POOL_SIZE large output buffers (uint8 arrays on mmaps)
+_POOL_SIZE = 2
+
+
+def _pooled_raw(nbytes):
+    """A uint8 array of >= ``nbytes`` on an anonymous mmap, recycled when idle.
+
+    A fresh 0.4-1 GB buffer is written once per build: its first-touch page faults (and,
+    with transparent huge pages, the kernel's direct compaction) cost 0.4-6 s per build
+    at 10^6 atoms on the 2-core VM (2026-12-02, same process, alternating builds), more
+    than the search itself; the heap recycles the buffers of small lists the same way.
+    The last two large buffers are kept and handed out again once no array from them is
+    alive: two, because ``pairs = neighbor_pairs(...)`` in a loop builds the new list
+    while the old one still lives.  Every view's ``.base`` is the pooled array (numpy
+    collapses view chains to the owner; zero-copy jax arrays hold a reference too), so
+    a reference count of 2 (the pool's and ``getrefcount``'s argument) means idle.  :func:`release_output_buffers` frees the idle ones.
+    """
+    with _pool_lock:
+        best = None
+        for k in range(len(_pool)):
+            # the pool's reference and getrefcount's argument: no array alive
+            if sys.getrefcount(_pool[k]) == 2 and _pool[k].nbytes >= nbytes and (
+                    best is None or _pool[k].nbytes < _pool[best].nbytes):
+                best = k
+        if best is not None:
+            return _pool[best][:nbytes]  # a view: the pool's count rises while it lives
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # 2 MiB pages: 512x fewer first-touch faults of this write-once buffer.
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        _pool.append(np.frombuffer(buf, np.uint8))
+        del _pool[:-_POOL_SIZE]  # a busy buffer dropped here lives on with its arrays
+        return _pool[-1][:nbytes]
+
+
+def release_output_buffers():
+    """Stop keeping the large output buffers for later builds (see ``_pooled_raw``).
+
+    Idle ones are freed at once, busy ones when their last array dies.
+    """
+    with _pool_lock:
+        _pool.clear()
 
 
 def _alloc_pairs(total):
     """Output arrays (P,), (P,), (P, 3) int32.
 
-    Large outputs (>= 64 MiB; ~1 GB at 10^6 atoms, r_cut 5) are carved out of one
-    anonymous mmap advised for transparent huge pages: the fill pass writes every byte
-    once, and with 4 KiB pages its first-touch faults were the main cost that grows from
-    10^4 to 10^6 atoms (MADV_HUGEPAGE measured 2026-12-01 on the 2-core VM, random atoms
-    at density 0.1: 10^6 atoms 15-20% faster at r_cut 3.5 and 5 Å; an earlier session saw
-    page-in stall in compaction instead, on a more fragmented machine).  The arrays are
-    ordinary writeable numpy arrays whose base is the mmap, freed when the last of them
-    is garbage-collected.
+    Large outputs (>= 32 MiB; ~1 GB at 10^6 atoms, r_cut 5) are carved out of one
+    anonymous mmap advised for transparent huge pages and recycled by ``_pooled_raw``:
+    the fill pass writes every byte once, and with 4 KiB pages its first-touch faults
+    were the main cost that grows from 10^4 to 10^6 atoms (MADV_HUGEPAGE measured
+    2026-12-01 on the 2-core VM, random atoms at density 0.1: 10^6 atoms 15-20% faster
+    at r_cut 3.5 and 5 Å), and on fresh huge pages the kernel's compaction stalls some
+    builds for seconds.  The arrays are ordinary writeable numpy arrays.
     """
     nbytes = 20 * total
     if nbytes < _MMAP_MIN_BYTES:
         return (np.empty(total, np.int32), np.empty(total, np.int32),
                 np.empty((total, 3), np.int32))
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # 2 MiB pages: 512x fewer first-touch faults of this write-once buffer.
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    centers = np.frombuffer(buf, np.int32, total, 0)
-    neighbors = np.frombuffer(buf, np.int32, total, 4 * total)
-    shifts = np.frombuffer(buf, np.int32, 3 * total, 8 * total).reshape(total, 3)
+    raw = _pooled_raw(nbytes)
+    centers = raw[:4 * total].view(np.int32)
+    neighbors = raw[4 * total:8 * total].view(np.int32)
+    shifts = raw[8 * total:].view(np.int32).reshape(total, 3)
     return centers, neighbors, shifts
 
 
