@@ -147,3 +147,55 @@ def test_vmap_over_configurations_and_hessian_route():
         _close(h_num, h_ref, 1e-9)
         with pytest.raises(TypeError, match="forward-mode|custom_vjp"):
             jax.jvp(lambda x: energy(x, "numba"), (pos,), (pos,))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_vmap_is_one_call_over_padded_configurations(dtype):
+    """vmap over configurations with their own pairs and padding (one kernel call, rows
+    moved together) gives what a loop of single calls gives: forward, vjp (forces) and
+    jvp (the parameter gradient of a force loss); also vmap of vmap."""
+    n_atoms, n_species, r_cut = 7, 3, 3.2
+    spec = DescriptorSpec(n_species, r_cut, 3)
+    rng = np.random.default_rng(11)
+    rows = []
+    for k in range(4):
+        positions, cell, species = _random_system(20 + k, n_atoms, n_species, box=5.0 + 0.4 * k)
+        c, j, S, sp = _pairs(positions, cell, r_cut, species)
+        d = pair_displacements(jnp.asarray(positions), jnp.asarray(cell), c, j, S)
+        rows.append((np.asarray(d), np.asarray(c), np.asarray(sp)))
+    P = max(len(r[1]) for r in rows) + 5
+    # padding rows: centre = N as the layout says, junk displacements and species
+    d_b = np.stack([np.concatenate([d, rng.normal(0, 1.0, (P - len(d), 3))]) for d, _, _ in rows])
+    c_b = np.stack([np.concatenate([c, np.full(P - len(c), n_atoms)]) for _, c, _ in rows])
+    s_b = np.stack([np.concatenate([s, rng.integers(0, n_species, P - len(s))])
+                    for _, _, s in rows])
+    W = rng.normal(size=(n_atoms, spec.n_features))
+    G = rng.normal(size=(P, 3))
+    with jax.enable_x64(dtype == "float64"):
+        d_b = jnp.asarray(d_b, dtype)
+        c_b, s_b = jnp.asarray(c_b, jnp.int32), jnp.asarray(s_b, jnp.int32)
+        W, G = jnp.asarray(W, dtype), jnp.asarray(G, dtype)
+
+        def outputs(d, c, s, W):
+            def energy(d):
+                return jnp.sum(jnp.sin(descriptors(spec, d, c, s, n_atoms, backend="numba") * W))
+
+            X = descriptors(spec, d, c, s, n_atoms, backend="numba")
+            force_like = jax.grad(energy)(d)
+            w_grad = jax.grad(lambda W: jnp.sum(G * jax.grad(
+                lambda d: jnp.sum(descriptors(spec, d, c, s, n_atoms, backend="numba") * W))(d)))(W)
+            return X, force_like, w_grad
+
+        one = jax.jit(outputs)
+        loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)]
+        batched = jax.jit(jax.vmap(outputs, in_axes=(0, 0, 0, None)))(d_b, c_b, s_b, W)
+        nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
+                                  in_axes=(0, 0, 0, None)))(
+            d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)
+    for k in range(4):
+        for a, b, n in zip(batched, loop[k], nested):
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b))
+            np.testing.assert_array_equal(np.asarray(n.reshape((4,) + n.shape[2:])[k]),
+                                          np.asarray(b))
+        n_real = len(rows[k][1])
+        assert not np.any(np.asarray(batched[1][k][n_real:]))  # padding rows: zero gradient
