@@ -987,7 +987,8 @@ def _pooled_raw(nbytes):
     alive: two, because ``pairs = neighbor_pairs(...)`` in a loop builds the new list
     while the old one still lives.  Every view's ``.base`` is the pooled array (numpy
     collapses view chains to the owner; zero-copy jax arrays hold a reference too), so
-    a reference count of 2 (the pool's and ``getrefcount``'s argument) means idle.  :func:`release_output_buffers` frees the idle ones.
+    a reference count of 2 (the pool's and ``getrefcount``'s argument) means idle.
+    :func:`release_output_buffers` frees the idle ones.
     """
     with _pool_lock:
         best = None
