@@ -140,7 +140,7 @@ def _call_triton(which: int, spec, d, offsets, species, *extra):
     return list(out) if which == 0 else [out]
 
 
-def _call(which: int, spec, n_atoms, backend, d, offsets, species, *extra):
+def _call(which: int, spec, backend, d, offsets, species, *extra):
     """Kernel ``which`` (0 forward, 1 vjp, 2 jvp) of ``backend``: a list of its outputs."""
     if backend == "triton":
         return _call_triton(which, spec, d, offsets, species, *extra)
@@ -244,7 +244,7 @@ def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _forward(spec, n_atoms, backend, d, centers, offsets, species):
     """(X (N, F), A (N, S, n_nlm)); A carries no derivative of its own (see module doc)."""
-    return tuple(_call(0, spec, n_atoms, backend, d, offsets, species))
+    return tuple(_call(0, spec, backend, d, offsets, species))
 
 
 def _forward_fwd(spec, n_atoms, backend, d, centers, offsets, species):
@@ -266,7 +266,7 @@ _forward.defvjp(_forward_fwd, _forward_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _descriptor_vjp(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
-    return _call(1, spec, n_atoms, backend, d, offsets, species, A, X_bar.astype(d.dtype))[0]
+    return _call(1, spec, backend, d, offsets, species, A, X_bar.astype(d.dtype))[0]
 
 
 def _descriptor_vjp_fwd(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
@@ -277,7 +277,7 @@ def _descriptor_vjp_fwd(spec, n_atoms, backend, d, centers, offsets, species, A,
 def _descriptor_vjp_bwd(spec, n_atoms, backend, res, d_bar_bar):
     d, centers, offsets, species, A, X_bar = res
     # The backward is linear in X_bar: its transpose is the descriptor JVP (kernel).
-    X_bar_bar = _call(2, spec, n_atoms, backend, jax.lax.stop_gradient(d), offsets, species,
+    X_bar_bar = _call(2, spec, backend, jax.lax.stop_gradient(d), offsets, species,
                       A, d_bar_bar.astype(d.dtype))[0]
     # Second derivative in the displacements: the reference (pruned by XLA when unused).
     from .descriptors import descriptors_reference
