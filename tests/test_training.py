@@ -459,6 +459,35 @@ def test_numba_training_gradient_matches_reference(configs, x64):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_step_compiler_options_change_no_result(configs, dtype, x64):
+    """The training step compiled with its XLA:CPU options equals the one with XLA's defaults.
+
+    The options only move reductions out of YNNPACK fusions (summation order: float
+    rounding, no more); they stay scoped to the step's jit.
+    """
+    from neuralil_fast.training import loop
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the options apply to XLA:CPU only")
+    opts = loop.step_compiler_options()
+    assert opts == loop._CPU_STEP_OPTIONS, "this JAX rejects the step's XLA option"
+    model = tiny_model(widths=(8, 8, 8))  # two LayerNorms
+    data = pad_configurations(configs[:4], model.species, model.r_cut, "reference",
+                              getattr(np, dtype))
+    trainer = Trainer(model, data, None, TrainConfig(batch_size=4, backend="reference",
+                                                     committee=2))
+    state = trainer.init_state()
+    args = (state.params, state.opt_state, trainer.train, jnp.arange(4), jnp.ones(4, dtype),
+            jnp.asarray(1e-3, dtype))
+    kw = dict(model=model, backend="reference", loss=trainer.cfg.loss, opt=trainer._opt_key)
+    plain = jax.jit(loop._step_fn, static_argnames=tuple(kw))(*args, **kw)
+    tuned = trainer._step(*args[:6])
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(tuned)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=rtol * 1e-2)
+
+
 def test_learning_rate_schedules():
     from neuralil_fast.training.loop import learning_rate
 
