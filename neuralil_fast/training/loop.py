@@ -161,9 +161,9 @@ def _loss_fn(model, backend, loss, params, data, idx, weight):
 
 # XLA:CPU hands the LayerNorm reductions of the vmapped second-order pass to YNNPACK
 # fusions that run them several times slower than its own loops (0.2-0.7 ms each for
-# 1 800 x 32 values); keeping YNNPACK to the dots made the step 1.13x faster for one model
-# and 1.12x for a committee of 4 (same process, 2026-12-02). Scoped to this jit: the
-# user's other programs keep XLA's defaults.
+# 1 800 x 32 values); keeping YNNPACK to the dots made the step 1.13-1.14x faster for one
+# model and 1.12x for a committee of 4 (same process, 2026-12-02). Scoped to this jit:
+# the user's other programs keep XLA's defaults.
 _CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
@@ -328,8 +328,8 @@ class Trainer:
         opt_state = self.optimizer.init(params)
         return TrainState(params=params, opt_state=opt_state, epoch=0, step=0,
                           key=np.asarray(jax.random.key_data(key)),
-                          best_params=jax.tree.map(jnp.copy, params), best_metric=math.inf, best_epoch=0,
-                          bad_epochs=0, elapsed=0.0, history=[])
+                          best_params=jax.tree.map(jnp.copy, params), best_metric=math.inf,
+                          best_epoch=0, bad_epochs=0, elapsed=0.0, history=[])
 
     def save_state(self, path, state: TrainState) -> None:
         extra = {"training": {
