@@ -481,7 +481,7 @@ def test_step_compiler_options_change_no_result(configs, dtype, x64):
     args = (state.params, state.opt_state, trainer.train, jnp.arange(4), jnp.ones(4, dtype),
             jnp.asarray(1e-3, dtype))
     kw = dict(model=model, backend="reference", loss=trainer.cfg.loss, opt=trainer._opt_key)
-    plain = jax.jit(loop._step_fn, static_argnames=tuple(kw))(*args, **kw)
+    plain = jax.jit(loop._train_step, static_argnames=tuple(kw))(*args, **kw)
     tuned = trainer._step(*args[:6])
     rtol = 1e-5 if dtype == "float32" else 1e-12
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(tuned)):

@@ -184,19 +184,14 @@ def step_compiler_options() -> dict | None:
 
 
 @functools.cache
-def _jitted_step():
+def _jitted_train_step():
     # built on first use: asking for the backend at import would start JAX's runtime
-    return jax.jit(_step_fn, static_argnames=("model", "backend", "loss", "opt"),
+    return jax.jit(_train_step, static_argnames=("model", "backend", "loss", "opt"),
                    compiler_options=step_compiler_options())
 
 
 def _train_step(params, opt_state, data, idx, weight, lr, *, model, backend, loss, opt):
-    """One jitted AdamW step: (params, opt_state, per-member losses (K,))."""
-    return _jitted_step()(params, opt_state, data, idx, weight, lr, model=model,
-                          backend=backend, loss=loss, opt=opt)
-
-
-def _step_fn(params, opt_state, data, idx, weight, lr, *, model, backend, loss, opt):
+    """One AdamW step: (params, opt_state, per-member losses (K,)); jitted by the above."""
     (_, per_member), grads = jax.value_and_grad(_loss_fn, argnums=3, has_aux=True)(
         model, backend, loss, params, data, idx, weight)
     hyper = dict(opt_state.hyperparams, learning_rate=lr)
@@ -265,8 +260,8 @@ class Trainer:
         return _loss_fn(self.model, self.backend, self.cfg.loss, params, data, idx, weight)
 
     def _step(self, params, opt_state, data, idx, weight, lr):
-        return _train_step(params, opt_state, data, idx, weight, lr, model=self.model,
-                           backend=self.backend, loss=self.cfg.loss, opt=self._opt_key)
+        return _jitted_train_step()(params, opt_state, data, idx, weight, lr, model=self.model,
+                                    backend=self.backend, loss=self.cfg.loss, opt=self._opt_key)
 
     def _predict(self, params, batch):
         return _predict_batch(params, batch, model=self.model, backend=self.backend)
