@@ -128,23 +128,23 @@ def _gpu_tables(n_max: int, r_cut: float):
     return build_tables(n_max, r_cut)
 
 
-def _call_triton(which: int, spec, d, offsets, species, *extra):
+def _triton_run(which: int, spec):
+    """The jax-triton launch of kernel ``which``: ``run(d, offsets, species, *extra)``."""
     from .kernels.gpu import descriptors as gd
 
     tables, S = _gpu_tables(spec.n_max, spec.r_cut), spec.n_species
     launch = (gd.descriptors_fwd_jax, gd.descriptors_vjp_jax, gd.descriptors_jvp_jax)[which]
-    # jax_triton has no batching rule: vmap over configurations runs one launch per
-    # configuration (as the numba FFI calls do, vmap_method="sequential").
-    out = jax.custom_batching.sequential_vmap(
-        lambda *a: launch(*a, tables=tables, n_species=S))(d, offsets, species, *extra)
-    return list(out) if which == 0 else [out]
+
+    def run(d, offsets, species, *extra):
+        out = launch(d, offsets, species, *extra, tables=tables, n_species=S)
+        return tuple(out) if which == 0 else (out,)
+
+    return run
 
 
-def _call(which: int, spec, backend, d, offsets, species, *extra):
-    """Kernel ``which`` (0 forward, 1 vjp, 2 jvp) of ``backend``: a list of its outputs."""
-    if backend == "triton":
-        return _call_triton(which, spec, d, offsets, species, *extra)
-    dtype = jnp.dtype(d.dtype).name
+def _numba_run(which: int, spec, dtype):
+    """The numba FFI call of kernel ``which``: ``run(d, offsets, species, *extra)``."""
+    dtype = jnp.dtype(dtype).name
     host_tables = _tables(spec.n_max, spec.r_cut, spec.n_species, dtype)
     if not jax.config.jax_enable_x64:
         # Without x64, JAX cannot carry float64 tables: the kernels then run on
@@ -168,8 +168,18 @@ def _call(which: int, spec, backend, d, offsets, species, *extra):
             outs = [X_shape]
         return tuple(kern(d, offsets, species, *tables, *extra, out_shapes=outs))
 
+    return run
+
+
+def _call(which: int, spec, backend, d, offsets, species, *extra):
+    """Kernel ``which`` (0 forward, 1 vjp, 2 jvp) of ``backend``: a list of its outputs.
+
+    Under ``jax.vmap`` over configurations both backends make one call for the batch
+    (:func:`_one_call_per_batch`; jax-triton has no batching rule of its own).
+    """
+    run = _triton_run(which, spec) if backend == "triton" else _numba_run(which, spec, d.dtype)
     # per-pair extras / outputs: the jvp's d_dot, the vjp's d_bar; the rest are per atom;
-    # the residual A (extra 0 of the vjp and the jvp) is in the forward's work-item layout
+    # the residual A (extra 0 of the vjp and the jvp) is laid out by the forward that made it
     pair_extra = (False, which == 2)[:len(extra)]
     residual = (which > 0, False)[:len(extra)]
     return list(_one_call_per_batch(run, pair_extra, which == 1, residual)(
@@ -189,8 +199,8 @@ def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple)
     1.10-1.23x as long as with one call (same process, alternating); and left in place, each
     configuration's padding would be r = 0 pairs of its last centre, a lane ~90 pairs
     longer than the others, which made the forward 1.4x slower.
-    A ``residual`` extra (A) is laid out by the forward's work items of 64 centres, so
-    a batch of B*N atoms has its own layout: when the forward that made A was not
+    A ``residual`` extra (A) is laid out by the forward that made it (numba: by work
+    items of 64 centres), so a batch of B*N atoms has its own layout: when that forward was not
     batched at this level (e.g. ``jax.jacrev`` vmapping a vjp over cotangents), the
     calls run one per batch element instead (``lax.map``).
     """

@@ -149,11 +149,14 @@ def test_vmap_over_configurations_and_hessian_route():
             jax.jvp(lambda x: energy(x, "numba"), (pos,), (pos,))
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_vmap_is_one_call_over_padded_configurations(dtype):
-    """vmap over configurations with their own pairs and padding (one kernel call, rows
-    moved together) gives what a loop of single calls gives: forward, vjp (forces) and
-    jvp (the parameter gradient of a force loss); also vmap of vmap."""
+def padded_batch_outputs(backend, dtype):
+    """Four small configurations with their own pairs, padded to one pair count, and
+    (forward X, force-like vjp, parameter gradient of a force-like loss through the jvp)
+    of each: as a loop of single calls, under vmap, and under vmap of vmap.
+
+    Returns (loop [4 x outputs], batched outputs, nested outputs (2, 2, ...), real pair
+    counts, calls): ``calls`` reruns (the first configuration alone, the batch).
+    """
     n_atoms, n_species, r_cut = 7, 3, 3.2
     spec = DescriptorSpec(n_species, r_cut, 3)
     rng = np.random.default_rng(11)
@@ -177,25 +180,40 @@ def test_vmap_is_one_call_over_padded_configurations(dtype):
         W, G = jnp.asarray(W, dtype), jnp.asarray(G, dtype)
 
         def outputs(d, c, s, W):
-            def energy(d):
-                return jnp.sum(jnp.sin(descriptors(spec, d, c, s, n_atoms, backend="numba") * W))
+            def desc(d):
+                return descriptors(spec, d, c, s, n_atoms, backend=backend)
 
-            X = descriptors(spec, d, c, s, n_atoms, backend="numba")
-            force_like = jax.grad(energy)(d)
+            force_like = jax.grad(lambda d: jnp.sum(jnp.sin(desc(d) * W)))(d)
             w_grad = jax.grad(lambda W: jnp.sum(G * jax.grad(
-                lambda d: jnp.sum(descriptors(spec, d, c, s, n_atoms, backend="numba") * W))(d)))(W)
-            return X, force_like, w_grad
+                lambda d: jnp.sum(desc(d) * W))(d)))(W)
+            return desc(d), force_like, w_grad
 
         one = jax.jit(outputs)
         loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)]
-        batched = jax.jit(jax.vmap(outputs, in_axes=(0, 0, 0, None)))(d_b, c_b, s_b, W)
+        batch_fn = jax.jit(jax.vmap(outputs, in_axes=(0, 0, 0, None)))
+        batched = batch_fn(d_b, c_b, s_b, W)
+
+        def rerun(f, *args):
+            with jax.enable_x64(dtype == "float64"):
+                return jax.block_until_ready(f(*args))
+
+        calls = (lambda: rerun(one, d_b[0], c_b[0], s_b[0], W),
+                 lambda: rerun(batch_fn, d_b, c_b, s_b, W))
         nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
                                   in_axes=(0, 0, 0, None)))(
             d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)
+    return loop, batched, nested, [len(r[1]) for r in rows], calls
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_vmap_is_one_call_over_padded_configurations(dtype):
+    """vmap over configurations with their own pairs and padding (one kernel call, rows
+    moved together) gives what a loop of single calls gives: forward, vjp (forces) and
+    jvp (the parameter gradient of a force loss); also vmap of vmap."""
+    loop, batched, nested, n_real, _ = padded_batch_outputs("numba", dtype)
     for k in range(4):
         for a, b, n in zip(batched, loop[k], nested):
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b))
             np.testing.assert_array_equal(np.asarray(n.reshape((4,) + n.shape[2:])[k]),
                                           np.asarray(b))
-        n_real = len(rows[k][1])
-        assert not np.any(np.asarray(batched[1][k][n_real:]))  # padding rows: zero gradient
+        assert not np.any(np.asarray(batched[1][k][n_real[k]:]))  # padding rows: zero gradient

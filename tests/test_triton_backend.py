@@ -199,8 +199,7 @@ def test_model_energy_forces_stress_and_force_loss_gradient(triton, small_model)
 
 
 def test_vmap_over_configurations(triton, small_model):
-    """vmap over configurations: jax-triton has no batching rule, the launches run one
-    configuration at a time (custom_batching.sequential_vmap)."""
+    """vmap over configurations through the model (one launch per kernel for the batch)."""
     model, positions, cell, species, pairs = small_model
     with jax.enable_x64(True):
         params = model.init(jax.random.key(3), jnp.float64)
@@ -213,6 +212,32 @@ def test_vmap_over_configurations(triton, small_model):
         v = {b: jax.jit(jax.vmap(forces, in_axes=(0, None)), static_argnums=1)(batch, b)
              for b in ("reference", "triton")}
     _close(v["triton"], v["reference"], 1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_vmap_is_one_launch_over_padded_configurations(triton, dtype):
+    """jax-triton has no batching rule: under vmap the project's rule makes one launch of
+    the batch's configurations moved together (kernels_api._one_call_per_batch, as for
+    numba).  Forward, vjp and the jvp of a force-like loss, batched and nested, against
+    a loop of single launches and against the reference."""
+    from test_kernels_jax import padded_batch_outputs
+
+    loop, batched, nested, n_real, (single, batch) = padded_batch_outputs("triton", dtype)
+    ref = padded_batch_outputs("reference", dtype)[0]
+    tol = TOL[dtype]
+    for k in range(4):
+        for a, b, n, r in zip(batched, loop[k], nested, ref[k]):
+            _close(a[k], b, 1e-3 * tol)
+            _close(n.reshape((4,) + n.shape[2:])[k], b, 1e-3 * tol)
+            _close(a[k], r, tol)
+        assert not np.any(np.asarray(batched[1][k][n_real[k]:]))  # padding rows: zero gradient
+    if not CUDA:  # the stand-in counts its launches: the batch makes as many as one config
+        launches = []
+        for call in (single, batch):
+            triton_standin.LAUNCHES.clear()
+            call()
+            launches.append(dict(triton_standin.LAUNCHES))
+        assert launches[0] and launches[1] == launches[0]
 
 
 def test_ase_calculator_triton_backend(triton, small_model):

@@ -15,6 +15,7 @@ triton is imported) where there is no CUDA device, or skips the module.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import types
@@ -25,6 +26,7 @@ import numpy as np
 from neuralil_fast.kernels.ffi import pure_callback_64
 
 _SCALARS = (bool, int, float)
+LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches run
 
 
 def require():
@@ -68,6 +70,7 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=4, zeroed_outputs=(), 
             outs.append(torch.from_numpy(np.full(s.shape, 0 if k in zeroed_outputs else garbage,
                                                  dt)))
         kernel[tuple(grid)](*ins, *outs, num_warps=num_warps, **meta)
+        LAUNCHES[getattr(kernel, "__name__", None) or str(kernel)] += 1
         return tuple(o.numpy() for o in outs)
 
     # the library's own callback helper: float64 stays float64 on XLA's threads
