@@ -149,13 +149,13 @@ def test_vmap_over_configurations_and_hessian_route():
             jax.jvp(lambda x: energy(x, "numba"), (pos,), (pos,))
 
 
-def padded_batch_outputs(backend, dtype):
+def padded_batch_outputs(backend, dtype, loop=True, nested=True):
     """Four small configurations with their own pairs, padded to one pair count, and
     (forward X, force-like vjp, parameter gradient of a force-like loss through the jvp)
     of each: as a loop of single calls, under vmap, and under vmap of vmap.
 
-    Returns (loop [4 x outputs], batched outputs, nested outputs (2, 2, ...), real pair
-    counts, calls): ``calls`` reruns (the first configuration alone, the batch).
+    Returns (loop [4 x outputs] or None, batched outputs, nested outputs (2, 2, ...) or None,
+    real pair counts, calls): ``calls`` reruns (the first configuration alone, the batch).
     """
     n_atoms, n_species, r_cut = 7, 3, 3.2
     spec = DescriptorSpec(n_species, r_cut, 3)
@@ -189,7 +189,7 @@ def padded_batch_outputs(backend, dtype):
             return desc(d), force_like, w_grad
 
         one = jax.jit(outputs)
-        loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)]
+        loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)] if loop else None
         batch_fn = jax.jit(jax.vmap(outputs, in_axes=(0, 0, 0, None)))
         batched = batch_fn(d_b, c_b, s_b, W)
 
@@ -199,9 +199,10 @@ def padded_batch_outputs(backend, dtype):
 
         calls = (lambda: rerun(one, d_b[0], c_b[0], s_b[0], W),
                  lambda: rerun(batch_fn, d_b, c_b, s_b, W))
-        nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
-                                  in_axes=(0, 0, 0, None)))(
-            d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)
+        if nested:
+            nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
+                                      in_axes=(0, 0, 0, None)))(
+                d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)
     return loop, batched, nested, [len(r[1]) for r in rows], calls
 
 
