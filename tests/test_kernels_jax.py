@@ -149,7 +149,7 @@ def test_vmap_over_configurations_and_hessian_route():
             jax.jvp(lambda x: energy(x, "numba"), (pos,), (pos,))
 
 
-def padded_batch_outputs(backend, dtype, loop=True, nested=True):
+def padded_batch_outputs(backend, dtype, with_loop=True, with_nested=True):
     """Four small configurations with their own pairs, padded to one pair count, and
     (forward X, force-like vjp, parameter gradient of a force-like loss through the jvp)
     of each: as a loop of single calls, under vmap, and under vmap of vmap.
@@ -189,7 +189,7 @@ def padded_batch_outputs(backend, dtype, loop=True, nested=True):
             return desc(d), force_like, w_grad
 
         one = jax.jit(outputs)
-        loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)] if loop else None
+        loop = [one(d_b[k], c_b[k], s_b[k], W) for k in range(4)] if with_loop else None
         batch_fn = jax.jit(jax.vmap(outputs, in_axes=(0, 0, 0, None)))
         batched = batch_fn(d_b, c_b, s_b, W)
 
@@ -199,7 +199,8 @@ def padded_batch_outputs(backend, dtype, loop=True, nested=True):
 
         calls = (lambda: rerun(one, d_b[0], c_b[0], s_b[0], W),
                  lambda: rerun(batch_fn, d_b, c_b, s_b, W))
-        if nested:
+        nested = None
+        if with_nested:
             nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
                                       in_axes=(0, 0, 0, None)))(
                 d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)

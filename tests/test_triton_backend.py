@@ -223,9 +223,9 @@ def test_vmap_is_one_launch_over_padded_configurations(triton, dtype):
     from test_kernels_jax import padded_batch_outputs
 
     # (the loop of single calls and vmap of vmap: tested with numba, slow here)
-    _, batched, _, n_real, (single, batch) = padded_batch_outputs("triton", dtype, loop=False,
-                                                                  nested=False)
-    ref = padded_batch_outputs("reference", dtype, nested=False)[0]
+    _, batched, _, n_real, (single, batch) = padded_batch_outputs(
+        "triton", dtype, with_loop=False, with_nested=False)
+    ref = padded_batch_outputs("reference", dtype, with_nested=False)[0]
     for k in range(4):
         for a, r in zip(batched, ref[k]):
             _close(a[k], r, TOL[dtype])
