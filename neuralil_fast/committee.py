@@ -19,7 +19,7 @@ import numpy as np
 
 from .descriptors import _pair_geometry, descriptors
 from .model import NeuralIL, morse_atomic_energies
-from .neighbors import pair_displacements
+from .neighbors import pair_displacements, times_3x3
 from .potential import _deformation, _voigt_stress
 
 __all__ = ["committee_evaluate", "committee_evaluate_jit", "stack", "unstack", "member",
@@ -67,7 +67,8 @@ def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, cent
 
     def displacements(pos, strain):
         deform = _deformation(strain)
-        return pair_displacements(pos @ deform, cell @ deform, centers, neighbors, shifts)
+        return pair_displacements(times_3x3(pos, deform), times_3x3(cell, deform), centers,
+                                  neighbors, shifts)
 
     def desc(pos, strain):
         return descriptors(model.spec, displacements(pos, strain), centers, desc_species, n_atoms,

@@ -138,13 +138,23 @@ class NeighborList:
         return pair_displacements(positions, cell, self.centers, self.neighbors, self.shifts)
 
 
+def times_3x3(v, m):
+    """v @ m for v (..., 3) and m (3, 3), as three broadcast multiply-adds.
+
+    XLA:CPU hands even a dot with a contraction of 3 to a library call: in the vmapped
+    training step the batch's ``shifts @ cell`` (8 x 3 920 pair rows) took ~0.9 ms there,
+    while as element-wise ops it fuses into the gathers around it.
+    """
+    return v[..., 0:1] * m[0] + v[..., 1:2] * m[1] + v[..., 2:3] * m[2]
+
+
 def pair_displacements(positions, cell, centers, neighbors, shifts):
     """(P, 3) x_j + S @ cell - x_i, differentiable in positions and cell; padding rows give 0."""
     n = positions.shape[0]
     valid = centers < n
     xi = positions[jnp.where(valid, centers, 0)]
     xj = positions[jnp.where(valid, neighbors, 0)]
-    d = xj - xi + shifts.astype(positions.dtype) @ cell
+    d = xj - xi + times_3x3(shifts.astype(positions.dtype), cell)
     return jnp.where(valid[:, None], d, 0.0)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from .descriptors import _pair_geometry, descriptors
 from .model import NeuralIL, morse_atomic_energies
-from .neighbors import pair_displacements
+from .neighbors import pair_displacements, times_3x3
 
 __all__ = ["atomic_energies", "evaluate", "evaluate_jit", "block_pairs_needed"]
 
@@ -77,8 +77,8 @@ def evaluate(model: NeuralIL, params, positions, cell, species, centers, neighbo
 
     def total(pos, strain):
         deform = _deformation(strain)
-        e = atomic_energies(model, params, pos @ deform, cell @ deform, species, centers,
-                            neighbors, shifts, backend)
+        e = atomic_energies(model, params, times_3x3(pos, deform), times_3x3(cell, deform),
+                            species, centers, neighbors, shifts, backend)
         return jnp.sum(e), e
 
     strain = jnp.zeros((3, 3), positions.dtype)
@@ -138,10 +138,10 @@ def _evaluate_blocked(model, params, positions, cell, species, centers, neighbor
         species_c = jax.lax.dynamic_slice_in_dim(species_pad, c0, C)
         species_j = jnp.where(inside, species[j_safe], 0)
         owned = c0 + jnp.arange(C) < n_atoms
-        shift_vec = sb.astype(dtype) @ cell
+        shift_vec = times_3x3(sb.astype(dtype), cell)
 
         def block_energy(pos, strain):
-            d = (pos[j_safe] - pos[i_safe] + shift_vec) @ _deformation(strain)
+            d = times_3x3(pos[j_safe] - pos[i_safe] + shift_vec, _deformation(strain))
             d = jnp.where(inside[:, None], d, 0.0)
             e = _energies_from_pairs(model, params, d, local, species_c, species_j, backend)
             e = jnp.where(owned, e, 0.0)
