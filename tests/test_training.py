@@ -533,3 +533,51 @@ def test_run_schedule_budget_plan_and_resume(tmp_path, xyz):
     assert c[2]["training"]["planned_steps"] == b[2]["training"]["planned_steps"]
     assert [h["lr"] for h in c[2]["training"]["history"][2:]] == [1e-5, 1e-5]
     assert not _params_equal(a[1], c[1])
+
+
+def test_parameter_average_follows_the_raw_trajectory(configs):
+    from neuralil_fast.training.loop import ema_decay
+
+    model = tiny_model()
+    data = pad_configurations(configs[:8], model.species, model.r_cut, "reference")
+    raw_cfg = TrainConfig(epochs=5, batch_size=8, backend="reference", committee=2)
+    raw = Trainer(model, data, None, raw_cfg)
+    state = raw.init_state()
+    trajectory = [state.params]
+    for _ in range(5):               # one step per epoch: the parameters after each step
+        raw.run_epoch(state)
+        trajectory.append(state.params)
+    expected = jax.tree.map(lambda a: np.asarray(a, np.float64), trajectory[0])
+    for t, p in enumerate(trajectory[1:], start=1):
+        d = ema_decay(0.9, t)
+        expected = jax.tree.map(lambda a, b: d * a + (1 - d) * np.asarray(b, np.float64),
+                                expected, p)
+    avg = Trainer(model, data, None, TrainConfig(epochs=5, batch_size=8, backend="reference",
+                                                 committee=2, ema=0.9))
+    st = avg.fit(avg.init_state())
+    assert _params_equal(st.params, trajectory[-1])   # the average does not steer training
+    for a, b in zip(jax.tree.leaves(st.ema_params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-6)
+    assert not _params_equal(st.ema_params, st.params)
+    assert _params_equal(st.best_params, st.ema_params)  # no validation: the last average
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(ema=1.0)
+
+
+def test_resume_continues_the_parameter_average_bitwise(tmp_path, xyz):
+    straight, half = tmp_path / "s.nil", tmp_path / "h.nil"
+    flags = ["--committee", 2, "--ema", 0.8, *COMMON]
+    assert cli([xyz, "--out", straight, "--epochs", 4, *flags]) == 0
+    assert cli([xyz, "--out", half, "--epochs", 2, *flags]) == 0
+    # an averaged state does not resume a run without the average, nor the reverse
+    assert cli([xyz, "--out", half, "--epochs", 4, "--resume", "--committee", 2,
+                *COMMON]) == 2
+    assert cli([xyz, "--out", half, "--epochs", 4, "--resume", *flags]) == 0
+    a = load(Path(str(straight) + ".state"), with_extra=True)
+    b = load(Path(str(half) + ".state"), with_extra=True)
+    assert _params_equal(a[1], b[1])
+    assert _params_equal(a[2]["training"]["ema_params"], b[2]["training"]["ema_params"])
+    assert _params_equal(a[2]["training"]["best_params"], b[2]["training"]["best_params"])
+    # keep-best picked among the averages: the saved model is one of them, not the raw one
+    assert _params_equal(load(straight)[1], load(half)[1])
+    assert not _params_equal(load(straight)[1], a[1])

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from --epochs or from what fits in --max-minutes (better in a budget)")
     p.add_argument("--warmup-epochs", type=int, default=5,
                    help="--schedule run: epochs of linear warm-up to --lr-peak")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the parameters (decay per "
+                        "step, e.g. 0.99); validation, keep-best and the saved model use it")
     p.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "numba", "triton"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -200,7 +203,8 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                           lr_start=args.lr_start, lr_peak=args.lr_peak, lr_end=args.lr_end,
                           weight_decay=args.weight_decay, schedule=args.schedule,
                           warmup_epochs=args.warmup_epochs, patience=args.patience,
-                          max_minutes=args.max_minutes, backend=backend, loss=loss)
+                          max_minutes=args.max_minutes, backend=backend, loss=loss,
+                          ema=args.ema)
     except ValueError as err:
         _fail(str(err))
     dtype = np.float64 if args.dtype == "float64" else np.float32

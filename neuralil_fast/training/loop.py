@@ -12,6 +12,12 @@ state, epoch, step, the JAX key, the data-order seed, the best parameters and th
 history; the batch order of epoch e is ``default_rng([data_seed, e]).permutation``,
 so a resumed run repeats the uninterrupted run's arithmetic bit for bit.
 
+With ``ema`` set, an exponential moving average of the parameters follows the
+optimiser (decay min(ema, (1 + t) / (10 + t)) after step t, so the random
+initialisation is forgotten within the first steps); validation, keep-best and the
+saved model then use the average, while the optimiser keeps training the raw
+parameters.  The average is part of the state (a resumed run continues it).
+
 Learning rate (computed on the host from the step count, fed to the jitted step):
 
 - ``schedule="epoch"`` (the article's code): one cosine one-cycle per epoch,
@@ -42,7 +48,8 @@ from ..model import NeuralIL, save, load
 from .data import PaddedData, take, to_device
 from .losses import LossConfig, total_loss
 
-__all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "SCHEDULES"]
+__all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "ema_decay",
+           "SCHEDULES"]
 
 SCHEDULES = ("epoch", "run")
 
@@ -68,6 +75,7 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     fit_offset: bool = True       # least-squares energy offset at the start (and at the end
     #                               when the energy is not trained on)
+    ema: float | None = None      # decay per step of the parameter average (None: no average)
 
     def __post_init__(self):
         if self.epochs is None and self.max_minutes is None:
@@ -85,12 +93,17 @@ class TrainConfig:
             raise ValueError("patience must be >= 1 epochs")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError("max_minutes must be > 0")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema (the decay of the parameter average) must be in (0, 1), "
+                             f"got {self.ema}")
 
     def identity(self) -> dict:
         """The settings a resumed run must share (everything that changes the arithmetic)."""
         d = dataclasses.asdict(self)
         for k in ("epochs", "patience", "max_minutes"):
             d.pop(k)
+        if d["ema"] is None:   # states written before the average existed stay resumable
+            d.pop("ema")
         d["loss"] = dataclasses.asdict(self.loss)
         return d
 
@@ -109,6 +122,22 @@ class TrainState:
     elapsed: float                # wall seconds of the epochs (checkpoints included), all runs
     history: list
     planned_steps: int | None = None   # schedule "run": the step where the LR reaches lr_end
+    ema_params: dict | None = None     # the parameter average (TrainConfig.ema), else None
+
+    @property
+    def eval_params(self) -> dict:
+        """The parameters validated and kept: the average if there is one."""
+        return self.params if self.ema_params is None else self.ema_params
+
+
+def ema_decay(ema: float, step: int) -> float:
+    """Decay of the average after optimiser step ``step`` (1-based): short memory at first."""
+    return min(ema, (1.0 + step) / (10.0 + step))
+
+
+@jax.jit
+def _ema_update(average, params, decay):
+    return jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, average, params)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int,
@@ -324,7 +353,9 @@ class Trainer:
         return TrainState(params=params, opt_state=opt_state, epoch=0, step=0,
                           key=np.asarray(jax.random.key_data(key)),
                           best_params=jax.tree.map(jnp.copy, params), best_metric=math.inf,
-                          best_epoch=0, bad_epochs=0, elapsed=0.0, history=[])
+                          best_epoch=0, bad_epochs=0, elapsed=0.0, history=[],
+                          ema_params=None if self.cfg.ema is None else
+                          jax.tree.map(jnp.copy, params))
 
     def save_state(self, path, state: TrainState) -> None:
         extra = {"training": {
@@ -337,6 +368,8 @@ class Trainer:
             "history": state.history, "settings": _jsonable(self.cfg.identity()),
             "planned_steps": state.planned_steps,
         }}
+        if state.ema_params is not None:
+            extra["training"]["ema_params"] = jax.tree.map(np.asarray, state.ema_params)
         save(path, self.model, jax.tree.map(np.asarray, state.params), extra=extra)
 
     def load_state(self, path) -> TrainState:
@@ -362,12 +395,18 @@ class Trainer:
             raise ValueError(f"{path}: optimiser state does not match this run")
         opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, b.dtype)
                                                  for a, b in zip(stored, leaves)])
+        ema_params = None
+        if self.cfg.ema is not None:
+            if "ema_params" not in t:
+                raise ValueError(f"{path}: no parameter average in the state of this run")
+            ema_params = jax.tree.map(jnp.asarray, t["ema_params"])
         return TrainState(params=params, opt_state=opt_state, epoch=int(t["epoch"]),
                           step=int(t["step"]), key=np.asarray(t["key"]),
                           best_params=jax.tree.map(jnp.asarray, t["best_params"]),
                           best_metric=float(t["best_metric"]), best_epoch=int(t["best_epoch"]),
                           bad_epochs=int(t["bad_epochs"]), elapsed=float(t["elapsed"]),
-                          history=list(t["history"]), planned_steps=t.get("planned_steps"))
+                          history=list(t["history"]), planned_steps=t.get("planned_steps"),
+                          ema_params=ema_params)
 
     # ------------------------------------------------------------------ the loop
 
@@ -389,6 +428,10 @@ class Trainer:
                 jnp.asarray(weight, self.dtype), jnp.asarray(lr, self.dtype))
             losses.append(per)
             state.step += 1
+            if state.ema_params is not None:
+                decay = ema_decay(self.cfg.ema, state.step)
+                state.ema_params = _ema_update(state.ema_params, state.params,
+                                               jnp.asarray(decay, self.dtype))
         state.epoch += 1
         return float(np.mean(np.stack([np.asarray(l) for l in losses])))
 
@@ -429,12 +472,12 @@ class Trainer:
         t_mark = time.perf_counter()
         while state.epoch < last:
             loss = self.run_epoch(state)
-            valid = self.validate(state.params)
+            valid = self.validate(state.eval_params)
             metric = self.selection_metric(valid) if valid else -float(state.epoch)
             improved = metric < state.best_metric
             if improved:
                 state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
-                state.best_params = jax.tree.map(jnp.copy, state.params)
+                state.best_params = jax.tree.map(jnp.copy, state.eval_params)
             else:
                 state.bad_epochs += 1
             # this epoch's wall time: training, validation, and the previous epoch's
