@@ -572,6 +572,9 @@ def test_resume_continues_the_parameter_average_bitwise(tmp_path, xyz):
     # an averaged state does not resume a run without the average, nor the reverse
     assert cli([xyz, "--out", half, "--epochs", 4, "--resume", "--committee", 2,
                 *COMMON]) == 2
+    plain = tmp_path / "p.nil"
+    assert cli([xyz, "--out", plain, "--epochs", 1, "--committee", 2, *COMMON]) == 0
+    assert cli([xyz, "--out", plain, "--epochs", 2, "--resume", *flags]) == 2
     assert cli([xyz, "--out", half, "--epochs", 4, "--resume", *flags]) == 0
     a = load(Path(str(straight) + ".state"), with_extra=True)
     b = load(Path(str(half) + ".state"), with_extra=True)
