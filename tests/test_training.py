@@ -23,7 +23,7 @@ from neuralil_fast.io import Configuration
 from neuralil_fast.model import NeuralIL, load
 from neuralil_fast.training.data import pad_configurations, split_indices, take
 from neuralil_fast.training.losses import LossConfig, log_cosh, loss_terms, total_loss
-from neuralil_fast.training.loop import TrainConfig, Trainer
+from neuralil_fast.training.loop import TrainConfig, Trainer, ema_decay
 
 SPECIES = ("H", "O")
 R_CUT = 3.0
@@ -536,8 +536,6 @@ def test_run_schedule_budget_plan_and_resume(tmp_path, xyz):
 
 
 def test_parameter_average_follows_the_raw_trajectory(configs):
-    from neuralil_fast.training.loop import ema_decay
-
     model = tiny_model()
     data = pad_configurations(configs[:8], model.species, model.r_cut, "reference")
     raw_cfg = TrainConfig(epochs=5, batch_size=8, backend="reference", committee=2)
