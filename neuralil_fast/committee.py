@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .descriptors import _pair_geometry, descriptors
-from .model import NeuralIL, morse_atomic_energies
+from .model import NeuralIL, pair_atomic_energies
 from .neighbors import pair_displacements, times_3x3
 from .potential import _deformation, _voigt_stress
 
@@ -80,12 +80,11 @@ def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, cent
     def one(p):
         def energy(X, pos, strain):
             e, morse = model.apply_network(p, X, species)
-            if morse is not None:
-                abd, switch = morse
+            if morse is not None or model.core_repulsion is not None:
                 r, _, valid = _pair_geometry(displacements(pos, strain), centers, n_atoms,
                                              model.r_cut)
-                e = e + morse_atomic_energies(abd, switch, r, valid, species_i, species_j,
-                                              centers, n_atoms, model.r_cut)
+                e = e + pair_atomic_energies(model, morse, r, valid, species_i, species_j,
+                                             centers, n_atoms)
             e = e * mask
             return jnp.sum(e), e
 

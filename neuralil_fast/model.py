@@ -21,7 +21,8 @@ import numpy as np
 
 from .descriptors import DescriptorSpec
 
-__all__ = ["NeuralIL", "save", "load", "from_neuralil", "morse_atomic_energies"]
+__all__ = ["NeuralIL", "save", "load", "from_neuralil", "morse_atomic_energies",
+           "core_repulsion_energies", "pair_atomic_energies", "zbl_pair"]
 
 ACTIVATIONS = ("swish", "selu")
 FORMAT_NAME = "NeuralIL"
@@ -112,6 +113,60 @@ def morse_atomic_energies(abd, switch_param, r, valid, species_i, species_j, cen
     return jax.ops.segment_sum(pair, jnp.where(valid, centers, n_atoms), num_segments=n_atoms)
 
 
+# Universal screened-nuclear (ZBL) repulsion: Ziegler, Biersack, Littmark (1985).
+_ZBL_TERMS = ((0.18175, 3.19980), (0.50986, 0.94229), (0.28022, 0.40290), (0.02817, 0.20162))
+_COULOMB = 14.399645   # e^2 / (4 pi eps0), eV Å
+
+
+def zbl_pair(r, z_i, z_j):
+    """(V (eV), dV/dr (eV/Å)) of the ZBL repulsion at r > 0 Å between nuclear charges z_i, z_j."""
+    a = 0.46850 / (z_i**0.23 + z_j**0.23)
+    phi = dphi = 0.0
+    for c, k in _ZBL_TERMS:
+        t = c * jnp.exp(-k * r / a)
+        phi, dphi = phi + t, dphi - (k / a) * t
+    q = _COULOMB * z_i * z_j
+    return q * phi / r, q * (dphi / r - phi / (r * r))
+
+
+def core_repulsion_energies(onset, z, r, valid, species_i, species_j, centers, n_atoms):
+    """Core repulsion per atom (N,), eV: 1/2 sum_j V_ij(r_ij) over the (full) pair list.
+
+    onset (S, S) Å: per species pair, the radius below which the wall acts (the training
+    set's closest approach); z (S,) nuclear charges.  Below the onset r0,
+    V(r) = Z(r) - Z(r0) - Z'(r0) (r - r0) with Z the ZBL repulsion, so energy and force
+    are continuous and zero at r0 and beyond: a model fitted to data with no pair closer
+    than r0 is unchanged on that data, and atoms pushed closer meet a nuclear wall instead
+    of the network's unconstrained extrapolation.
+    """
+    r0 = onset[species_i, species_j]
+    active = valid & (r < r0)
+    rs = jnp.where(active, r, r0)      # r = 0 on padding rows: never reaches the 1/r
+    zi, zj = z[species_i], z[species_j]
+    v, _ = zbl_pair(rs, zi, zj)
+    v0, dv0 = zbl_pair(r0, zi, zj)
+    pair = jnp.where(active, 0.5 * (v - v0 - dv0 * (rs - r0)), 0.0)
+    return jax.ops.segment_sum(pair, jnp.where(active, centers, n_atoms), num_segments=n_atoms)
+
+
+def pair_atomic_energies(model: "NeuralIL", morse, r, valid, species_i, species_j, centers,
+                         n_atoms):
+    """(N,) eV: the pair terms of ``model`` (Morse with ``morse`` = (abd, switch), core wall)."""
+    e = 0.0
+    if morse is not None:
+        abd, switch = morse
+        e = morse_atomic_energies(abd, switch, r, valid, species_i, species_j, centers,
+                                  n_atoms, model.r_cut)
+    if model.core_repulsion is not None:
+        from ase.data import atomic_numbers
+
+        onset = jnp.asarray(model.core_repulsion, r.dtype)
+        z = jnp.asarray([atomic_numbers[s] for s in model.species], r.dtype)
+        e = e + core_repulsion_energies(onset, z, r, valid, species_i, species_j, centers,
+                                        n_atoms)
+    return e
+
+
 @dataclasses.dataclass(frozen=True)
 class NeuralIL:
     """A NeuralIL potential: descriptors + species embedding + MLP (+ repulsive Morse).
@@ -120,6 +175,9 @@ class NeuralIL:
     r_cut (Å), n_max: descriptor settings.  widths: core layer widths.
     activation: "swish" (Swish-1 with LayerNorm) or "selu" (SELU without LayerNorm).
     element_resolved: False = the ablation with one density for all neighbour species.
+    core_repulsion: None, or per species pair (S x S nested tuple, Å) the onset radius of a
+      fixed ZBL wall (see :func:`core_repulsion_energies`); usually the training data's
+      closest approach of each pair (``training.data.closest_approach``).
     """
 
     species: tuple
@@ -130,6 +188,7 @@ class NeuralIL:
     activation: str = "swish"
     morse: bool = True
     element_resolved: bool = True
+    core_repulsion: tuple | None = None
 
     def __post_init__(self):
         from ase.data import atomic_numbers
@@ -147,6 +206,15 @@ class NeuralIL:
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"widths must be positive layer sizes, got {self.widths}")
         self.spec  # validates r_cut and n_max
+        if self.core_repulsion is not None:
+            onset = np.asarray(self.core_repulsion, dtype=np.float64)
+            S = len(species)
+            if onset.shape != (S, S) or not np.all(np.isfinite(onset)) or np.any(onset <= 0) \
+                    or not np.array_equal(onset, onset.T):
+                raise ValueError(f"core_repulsion must be a symmetric {S} x {S} table of "
+                                 f"positive onset radii (Å), got {self.core_repulsion!r}")
+            object.__setattr__(self, "core_repulsion",
+                               tuple(tuple(float(x) for x in row) for row in onset))
 
     @property
     def n_species(self) -> int:
@@ -172,6 +240,8 @@ class NeuralIL:
         config = dataclasses.asdict(self)
         config["species"] = list(self.species)
         config["widths"] = list(self.widths)
+        if self.core_repulsion is not None:
+            config["core_repulsion"] = [list(row) for row in self.core_repulsion]
         return config
 
     @classmethod
@@ -180,7 +250,10 @@ class NeuralIL:
         unknown = set(config) - fields
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        def frozen(v):
+            return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+        return cls(**{k: frozen(v) for k, v in config.items()})
 
     def apply_network(self, params, descriptors, species):
         """(NN atomic energies (N,), morse parameters or None)."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .descriptors import _pair_geometry, descriptors
-from .model import NeuralIL, morse_atomic_energies
+from .model import NeuralIL, pair_atomic_energies
 from .neighbors import pair_displacements, times_3x3
 
 __all__ = ["atomic_energies", "evaluate", "evaluate_jit", "block_pairs_needed"]
@@ -41,12 +41,11 @@ def _energies_from_pairs(model: NeuralIL, params, d, centers, species, species_j
     desc_species = species_j if model.element_resolved else jnp.zeros_like(species_j)
     X = descriptors(model.spec, d, centers, desc_species, n_atoms, backend=backend)
     e, morse = model.apply_network(params, X, species)
-    if morse is not None:
-        abd, switch = morse
+    if morse is not None or model.core_repulsion is not None:
         r, _, valid = _pair_geometry(d, centers, n_atoms, model.r_cut)
         species_i = species[jnp.where(centers < n_atoms, centers, 0)]
-        e = e + morse_atomic_energies(abd, switch, r, valid, species_i, species_j, centers,
-                                      n_atoms, model.r_cut)
+        e = e + pair_atomic_energies(model, morse, r, valid, species_i, species_j, centers,
+                                     n_atoms)
     return e
 
 

@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-element-resolved", action="store_true",
                    help="ablation: one neighbour density for all species")
     m.add_argument("--no-morse", action="store_true", help="leave out the repulsive Morse term")
+    m.add_argument("--core-repulsion", action="store_true",
+                   help="add a fixed ZBL wall below each species pair's closest approach in "
+                        "the training data (zero on the training data; see NeuralIL)")
 
 
 def _fail(msg):
@@ -220,6 +223,13 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     n_train = len(train_configs)
     train = take(data, np.arange(n_train))
     valid = take(data, np.arange(n_train, len(all_configs)))
+    if args.core_repulsion:
+        import dataclasses
+
+        from .data import closest_approach
+
+        model = dataclasses.replace(
+            model, core_repulsion=closest_approach(train, model.n_species, model.r_cut))
     trainer = Trainer(model, train, valid, cfg, valid_ids=valid_ids, outliers=args.outliers,
                       valid_energy64=[c.energy for c in valid_configs],
                       train_energy64=[c.energy for c in train_configs])

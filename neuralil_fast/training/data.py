@@ -23,7 +23,7 @@ import numpy as np
 from ..geometry import species_indices
 from ..neighbors import allocate
 
-__all__ = ["PaddedData", "pad_configurations", "split_indices", "take"]
+__all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach"]
 
 
 @jax.tree_util.register_dataclass
@@ -136,6 +136,27 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
         out["n_atoms"][k] = n
     out["energy"] = out["energy"].astype(dtype)
     return PaddedData(**out)
+
+
+def closest_approach(data: PaddedData, n_species: int, r_cut: float) -> np.ndarray:
+    """(S, S) Å: the shortest distance of each species pair over all stored pairs of ``data``.
+
+    A species pair that never comes within ``r_cut`` gets ``r_cut``.  This is the
+    onset table for ``NeuralIL(core_repulsion=...)``: no pair of ``data`` then feels the
+    wall.
+    """
+    out = np.full((n_species, n_species), float(r_cut))
+    pos = np.asarray(data.positions, np.float64)
+    cell = np.asarray(data.cell, np.float64)
+    for k in range(len(data)):
+        c, j = np.asarray(data.centers[k]), np.asarray(data.neighbors[k])
+        real = c < pos.shape[1]
+        c, j = c[real], j[real]
+        d = pos[k, j] - pos[k, c] + np.asarray(data.shifts[k])[real] @ cell[k]
+        r = np.linalg.norm(d, axis=1)
+        sp = np.asarray(data.species[k])
+        np.minimum.at(out, (sp[c], sp[j]), r)
+    return np.minimum(out, out.T)
 
 
 def to_device(data: PaddedData) -> PaddedData:
