@@ -396,6 +396,30 @@ def test_ablation_options_build_the_right_model(tmp_path, xyz):
     assert model.element_resolved is False and model.activation == "selu"
 
 
+def test_core_repulsion_option_takes_the_training_closest_approach(tmp_path, xyz, configs):
+    out, log = tmp_path / "core.nil", tmp_path / "log.json"
+    assert cli([xyz, "--out", out, "--epochs", 1, "--core-repulsion", "--log", log,
+                *COMMON]) == 0
+    model, _ = load(out)
+    train_ids = json.loads(log.read_text())["train_ids"]
+    want = np.full((2, 2), R_CUT)
+    for k in train_ids:    # brute force over the minimum images (all pairs < half the box)
+        c = configs[k]
+        from ase import Atoms
+
+        dist = Atoms(c.symbols, positions=c.positions, cell=c.cell, pbc=True).get_all_distances(
+            mic=True)
+        sp = np.array([SPECIES.index(x) for x in c.symbols])
+        for i in range(len(sp)):
+            for j in range(len(sp)):
+                if i != j:
+                    want[sp[i], sp[j]] = min(want[sp[i], sp[j]], dist[i, j])
+    np.testing.assert_allclose(np.asarray(model.core_repulsion), want, rtol=1e-6)
+    # the same table on --resume (the state's model settings must match)
+    assert cli([xyz, "--out", out, "--epochs", 2, "--core-repulsion", "--resume",
+                *COMMON]) == 0
+
+
 # --------------------------------------------------------------------------- bad input
 
 
