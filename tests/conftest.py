@@ -152,3 +152,21 @@ def initial_momenta(atoms, kT=0.05, seed=1):
     rng = np.random.default_rng(seed)
     p = rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * kT)
     return p - p.mean(axis=0)
+
+
+def fd_forces(atoms, make_calc, rows, h=1e-5):
+    """(len(rows), 3) central-difference forces, eV/Å, of the atoms ``rows``.
+
+    make_calc(): a fresh ASE calculator for each displaced copy of ``atoms``.
+    """
+    out = np.zeros((len(rows), 3))
+    for n, a in enumerate(rows):
+        for k in range(3):
+            e = []
+            for s in (+1, -1):
+                shifted = atoms.copy()
+                shifted.calc = make_calc()
+                shifted.positions[a, k] += s * h
+                e.append(shifted.get_potential_energy())
+            out[n, k] = -(e[0] - e[1]) / (2 * h)
+    return out
