@@ -250,6 +250,7 @@ class NeuralIL:
         unknown = set(config) - fields
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
+
         def frozen(v):
             return tuple(frozen(x) for x in v) if isinstance(v, list) else v
 
