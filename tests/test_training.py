@@ -252,6 +252,30 @@ def test_forces_only_fits_energy_offset(configs):
     assert abs(np.sum(resid * n)) / np.sum(n * np.abs(resid)) < 1e-3
 
 
+@pytest.mark.parametrize("cap", [8, 24, 10**6])
+def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch, cap):
+    """Whole-set and chunked (last chunk padded) predictions equal one call per configuration."""
+    from neuralil_fast.training import loop
+
+    model = tiny_model()
+    data = pad_configurations(configs[:7], model.species, model.r_cut, "reference", np.float64)
+    trainer = Trainer(model, data, None, TrainConfig(batch_size=2, backend="reference",
+                                                     committee=2))
+    params = trainer.init_state().params
+    monkeypatch.setattr(loop, "PREDICT_ATOMS", cap * data.positions.shape[1] // 8)
+    chunk = trainer.predict_chunk(data)
+    assert chunk == max(2, min(7, cap // 8))
+    E, F = trainer.predict(params, data)
+    assert E.shape == (7, 2) and F.shape == (7, 2) + data.positions.shape[1:]
+    for k in range(7):
+        row = jax.tree.map(jnp.asarray, take(data, k))
+        out = committee_evaluate_jit(model, params, row.positions, row.cell, row.species,
+                                     row.centers, row.neighbors, row.shifts,
+                                     atom_mask=row.atom_mask)
+        np.testing.assert_allclose(E[k], np.asarray(out["energy"]), rtol=1e-12)
+        np.testing.assert_allclose(F[k], np.asarray(out["forces"]), rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- CLI, checkpoints
 
 

@@ -234,6 +234,12 @@ def _predict_batch(params, batch, *, model, backend):
     return _evaluate_batch(model, backend, params, batch)
 
 
+# Validation runs every epoch: one call for the whole set (12 EAN configurations in one
+# call instead of 8 + a padded 8 took 82 instead of 125 ms for a committee of 8, 3.5% of
+# an epoch); the cap keeps a call of large configurations within memory.
+PREDICT_ATOMS = 16384
+
+
 def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask) -> dict:
     """MAE / RMSE of energies (meV/atom) and force components (meV/Å), numpy float64."""
     dE = (np.asarray(energy_pred, np.float64) - np.asarray(energy_ref, np.float64)) / n_atoms
@@ -297,17 +303,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ host helpers
 
-    def _chunks(self, n):
-        """Index batches of static size covering range(n) (the last padded with index 0)."""
-        for start in range(0, n, self.batch):
-            idx = np.arange(start, min(n, start + self.batch))
-            pad = self.batch - len(idx)
+    @staticmethod
+    def _chunks(n, size):
+        """Index batches of static ``size`` covering range(n) (the last padded with index 0)."""
+        for start in range(0, n, size):
+            idx = np.arange(start, min(n, start + size))
+            pad = size - len(idx)
             yield np.concatenate([idx, np.zeros(pad, idx.dtype)]).astype(np.int32), len(idx)
+
+    def predict_chunk(self, data: PaddedData) -> int:
+        """Configurations per prediction call: the whole set where it holds at most
+        ``PREDICT_ATOMS`` padded atoms, else that many (at least one training batch)."""
+        fits = PREDICT_ATOMS // max(1, data.positions.shape[1])
+        return max(self.batch, min(len(data), fits))
 
     def predict(self, params, data: PaddedData):
         """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy."""
         Es, Fs = [], []
-        for idx, n in self._chunks(len(data)):
+        for idx, n in self._chunks(len(data), self.predict_chunk(data)):
             E, F = self._predict(params, take(data, jnp.asarray(idx)))
             Es.append(np.asarray(E)[:n])
             Fs.append(np.asarray(F)[:n])
