@@ -84,10 +84,10 @@ def main():
             fl = K.flop_counts_of(tab)  # float32: the polynomial radial path (see make_tables)
             rng = np.random.default_rng(0)
             X, A = K.forward(d, off, sp, tab)
-            Xb = rng.normal(size=X.shape).astype(dtype)
-            dd = rng.normal(size=d.shape).astype(dtype)
-            d_bar = np.empty_like(d)
-            X_dot = np.empty_like(X)
+            Xb = rng.normal(size=(1,) + X.shape).astype(dtype)  # one cotangent
+            dd = rng.normal(size=(1,) + d.shape).astype(dtype)
+            d_bar = np.empty_like(dd)
+            X_dot = np.empty_like(Xb)
             runs = {
                 "forward": lambda: K.descriptors_fwd(d, off, sp, *tab, X, A),
                 "vjp": lambda: K.descriptors_vjp(d, off, sp, *tab, A, Xb, d_bar),

@@ -114,10 +114,11 @@ def _numba_kernels(dtype: str, table_specs: tuple):
     i32 = np.int32
     ins = ((f, 2), (i32, 1), (i32, 1)) + table_specs
     fwd = NumbaFFIKernel("nf_descriptors_fwd", k.descriptors_fwd, ins, ((f, 2), (f, 3)))
-    vjp = NumbaFFIKernel("nf_descriptors_vjp", k.descriptors_vjp, ins + ((f, 3), (f, 2)),
-                         ((f, 2),))
-    jvp = NumbaFFIKernel("nf_descriptors_jvp", k.descriptors_jvp, ins + ((f, 3), (f, 2)),
-                         ((f, 2),))
+    # the vjp's cotangents and the jvp's tangents (and their results) carry a leading axis
+    vjp = NumbaFFIKernel("nf_descriptors_vjp", k.descriptors_vjp, ins + ((f, 3), (f, 3)),
+                         ((f, 3),))
+    jvp = NumbaFFIKernel("nf_descriptors_jvp", k.descriptors_jvp, ins + ((f, 3), (f, 3)),
+                         ((f, 3),))
     return fwd, vjp, jvp
 
 
@@ -129,17 +130,26 @@ def _gpu_tables(n_max: int, r_cut: float):
 
 
 def _triton_run(which: int, spec):
-    """The jax-triton launch of kernel ``which``: ``run(d, offsets, species, *extra)``."""
+    """The jax-triton launch of kernel ``which``: ``run(d, offsets, species, *extra)``
+    (the vjp's and jvp's last input and their output with a leading cotangent axis)."""
     from .kernels.gpu import descriptors as gd
 
     tables, S = _gpu_tables(spec.n_max, spec.r_cut), spec.n_species
     launch = (gd.descriptors_fwd_jax, gd.descriptors_vjp_jax, gd.descriptors_jvp_jax)[which]
 
     def run(d, offsets, species, *extra):
-        out = launch(d, offsets, species, *extra, tables=tables, n_species=S)
-        return tuple(out) if which == 0 else (out,)
+        if which == 0:
+            return tuple(launch(d, offsets, species, tables=tables, n_species=S))
+        # the Triton kernels take one cotangent: one launch each
+        *rest, cot = extra
+        return (jax.lax.map(lambda c: launch(d, offsets, species, *rest, c, tables=tables,
+                                             n_species=S), cot),)
 
     return run
+
+
+# cotangents (tangents) per call of the numba vjp (jvp) kernel
+COTANGENTS_PER_CALL = 16
 
 
 def _numba_run(which: int, spec, dtype):
@@ -154,19 +164,31 @@ def _numba_run(which: int, spec, dtype):
     kern = _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in host_tables))[which]
     n_nlm = sum((spec.n_max - l + 1) * (2 * l + 1) for l in range(spec.n_max + 1))
 
-    def run(d, offsets, species, *extra):
+    def call(d, offsets, species, *extra):
         # the tables become constants of whichever trace runs this (closing over jax
         # arrays made under jit would leak its tracers into lax.map's body)
         tables = [jnp.asarray(t) for t in host_tables]
         n = offsets.shape[0] - 1
-        X_shape = jax.ShapeDtypeStruct((n, spec.n_features), d.dtype)
         if which == 0:
-            outs = [X_shape, jax.ShapeDtypeStruct((n, spec.n_species, n_nlm), d.dtype)]
-        elif which == 1:
-            outs = [jax.ShapeDtypeStruct(d.shape, d.dtype)]
+            outs = [jax.ShapeDtypeStruct((n, spec.n_features), d.dtype),
+                    jax.ShapeDtypeStruct((n, spec.n_species, n_nlm), d.dtype)]
         else:
-            outs = [X_shape]
+            lead = (extra[-1].shape[0],)
+            outs = [jax.ShapeDtypeStruct(lead + (d.shape if which == 1 else
+                                                  (n, spec.n_features)), d.dtype)]
         return tuple(kern(d, offsets, species, *tables, *extra, out_shapes=outs))
+
+    def run(d, offsets, species, *extra):
+        if which == 0 or extra[-1].shape[0] <= COTANGENTS_PER_CALL:
+            return call(d, offsets, species, *extra)
+        # many cotangents (e.g. jax.jacrev): calls of COTANGENTS_PER_CALL, which bounds
+        # the kernels' per-thread scratch (C x 56 kB for n_max = 4, 4 species)
+        *rest, cot = extra
+        C, m = cot.shape[0], COTANGENTS_PER_CALL
+        padded = jnp.concatenate([cot, jnp.zeros((-C % m,) + cot.shape[1:], cot.dtype)])
+        out = jax.lax.map(lambda c: call(d, offsets, species, *rest, c)[0],
+                          padded.reshape((-1, m) + cot.shape[1:]))
+        return (out.reshape((-1,) + out.shape[2:])[:C],)
 
     return run
 
@@ -174,7 +196,10 @@ def _numba_run(which: int, spec, dtype):
 def _call(which: int, spec, backend, d, offsets, species, *extra):
     """Kernel ``which`` (0 forward, 1 vjp, 2 jvp) of ``backend``: a list of its outputs.
 
-    Under ``jax.vmap`` over configurations both backends make one call for the batch
+    The vjp's X_bar (C, N, F) and the jvp's d_dot (C, P, 3), and their outputs d_bar
+    (C, P, 3) and X_dot (C, N, F), carry a leading axis of C cotangents (tangents).
+    Under ``jax.vmap`` over configurations both backends make one call for the batch,
+    and a vmap over cotangents alone (a committee's members) adds to that axis
     (:func:`_one_call_per_batch`; jax-triton has no batching rule of its own).
     """
     run = _triton_run(which, spec) if backend == "triton" else _numba_run(which, spec, d.dtype)
@@ -182,14 +207,18 @@ def _call(which: int, spec, backend, d, offsets, species, *extra):
     # the residual A (extra 0 of the vjp and the jvp) is laid out by the forward that made it
     pair_extra = (False, which == 2)[:len(extra)]
     residual = (which > 0, False)[:len(extra)]
-    return list(_one_call_per_batch(run, pair_extra, which == 1, residual)(
+    return list(_one_call_per_batch(run, pair_extra, which == 1, residual, which > 0)(
         d, offsets, species, *extra))
 
 
-def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple):
+def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple,
+                        cotangents: bool):
     """``run(d, offsets, species, *extra)`` whose ``jax.vmap`` is one kernel call.
 
-    The batch of B configurations (P pair rows, N atoms each) becomes one system of
+    ``cotangents``: the last extra and the outputs carry a leading cotangent axis C.  A
+    vmap over that extra alone (the same geometry and residual: a committee's members,
+    ``jax.jacrev``) folds into C: one pass over the pairs serves all of them.
+    Otherwise, the batch of B configurations (P pair rows, N atoms each) becomes one system of
     B*N atoms: each configuration's pair rows (its centres' runs) moved together, one
     configuration after the other, the padding rows after all of them (outside every
     run: the kernels skip them and give them zero derivative).  Per-atom extras and
@@ -209,6 +238,10 @@ def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple)
     @f.def_vmap
     def rule(axis_size, in_batched, d, offsets, species, *extra):
         B = axis_size
+        if cotangents and in_batched[-1] and not any(in_batched[:-1]):
+            c = extra[-1]  # (B, C, ...)
+            outs = f(d, offsets, species, *extra[:-1], c.reshape((-1,) + c.shape[2:]))
+            return tuple(o.reshape((B, -1) + o.shape[1:]) for o in outs), (True,) * len(outs)
         args = [a if b else jnp.broadcast_to(a, (B,) + a.shape)
                 for a, b in zip((d, offsets, species, *extra), in_batched)]
         if not all(b for b, res in zip(in_batched[3:], residual) if res):
@@ -232,18 +265,34 @@ def _one_call_per_batch(run, pair_extra: tuple, pair_out: bool, residual: tuple)
             keep = real.reshape((-1,) + (1,) * (a.ndim - 1))
             return jnp.where(keep, a, jnp.zeros((), a.dtype))
 
-        moved = offsets[:, :N] - start[:, None] + base[:, None]
-        offsets = jnp.concatenate([moved.reshape(B * N), end[-1:]])
-        extra = [rows_in(a) if per_pair else a.reshape((B * a.shape[1],) + a.shape[2:])
-                 for a, per_pair in zip(extra, pair_extra)]
-        outs = f(rows_in(d), offsets, rows_in(species), *extra)
-        if pair_out:
+        def rows_out(o):
             # batch row of configuration b's row k; rows outside its runs get zero
             k = jnp.arange(P, dtype=itype)
             inside = (k >= start[:, None]) & (k < start[:, None] + count[:, None])
             dst = jnp.where(inside, base[:, None] + k - start[:, None], 0)
-            outs = tuple(jnp.where(inside.reshape(inside.shape + (1,) * (o.ndim - 1)),
-                                   o[dst], jnp.zeros((), o.dtype)) for o in outs)
+            return jnp.where(inside.reshape(inside.shape + (1,) * (o.ndim - 1)), o[dst],
+                             jnp.zeros((), o.dtype))
+
+        def atoms_in(a):
+            return a.reshape((B * a.shape[1],) + a.shape[2:])
+
+        def extra_in(a, per_pair, cot):
+            fn = rows_in if per_pair else atoms_in
+            # cotangents (B, C, ...): each of the C mapped, C leading
+            return jax.vmap(fn, in_axes=1)(a) if cot else fn(a)
+
+        moved = offsets[:, :N] - start[:, None] + base[:, None]
+        offsets = jnp.concatenate([moved.reshape(B * N), end[-1:]])
+        last = len(extra) - 1
+        extra = [extra_in(a, per_pair, cotangents and i == last)
+                 for i, (a, per_pair) in enumerate(zip(extra, pair_extra))]
+        outs = f(rows_in(d), offsets, rows_in(species), *extra)
+        if pair_out:
+            outs = tuple(jnp.moveaxis(jax.vmap(rows_out)(o), 0, 1) if cotangents else rows_out(o)
+                         for o in outs)
+        elif cotangents:
+            outs = tuple(jnp.moveaxis(o.reshape((o.shape[0], B, N) + o.shape[2:]), 0, 1)
+                         for o in outs)
         else:
             outs = tuple(o.reshape((B, N) + o.shape[1:]) for o in outs)
         return outs, (True,) * len(outs)
@@ -276,7 +325,7 @@ _forward.defvjp(_forward_fwd, _forward_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _descriptor_vjp(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
-    return _call(1, spec, backend, d, offsets, species, A, X_bar.astype(d.dtype))[0]
+    return _call(1, spec, backend, d, offsets, species, A, X_bar.astype(d.dtype)[None])[0][0]
 
 
 def _descriptor_vjp_fwd(spec, n_atoms, backend, d, centers, offsets, species, A, X_bar):
@@ -288,7 +337,7 @@ def _descriptor_vjp_bwd(spec, n_atoms, backend, res, d_bar_bar):
     d, centers, offsets, species, A, X_bar = res
     # The backward is linear in X_bar: its transpose is the descriptor JVP (kernel).
     X_bar_bar = _call(2, spec, backend, jax.lax.stop_gradient(d), offsets, species,
-                      A, d_bar_bar.astype(d.dtype))[0]
+                      A, d_bar_bar.astype(d.dtype)[None])[0][0]
     # Second derivative in the displacements: the reference (pruned by XLA when unused).
     from .descriptors import descriptors_reference
 

@@ -39,15 +39,19 @@ def run_forward(d, offsets, species, tables):
 
 
 def run_vjp(d, offsets, species, tables, A, X_bar):
-    d_bar = np.full(d.shape, np.nan, d.dtype)
-    K.descriptors_vjp(d, offsets, species, *tables, A, X_bar, d_bar)
-    return d_bar
+    """d_bar (P, 3) of X_bar (N, F), or (C, P, 3) of C cotangents (C, N, F) in one call."""
+    Xb = X_bar if X_bar.ndim == 3 else X_bar[None]
+    d_bar = np.full((len(Xb),) + d.shape, np.nan, d.dtype)
+    K.descriptors_vjp(d, offsets, species, *tables, A, np.ascontiguousarray(Xb), d_bar)
+    return d_bar if X_bar.ndim == 3 else d_bar[0]
 
 
 def run_jvp(d, offsets, species, tables, A, d_dot):
-    X_dot = np.full((len(offsets) - 1, K.n_features_of(tables)), np.nan, d.dtype)
-    K.descriptors_jvp(d, offsets, species, *tables, A, d_dot, X_dot)
-    return X_dot
+    """X_dot (N, F) of d_dot (P, 3), or (C, N, F) of C tangents (C, P, 3) in one call."""
+    dd = d_dot if d_dot.ndim == 3 else d_dot[None]
+    X_dot = np.full((len(dd), len(offsets) - 1, K.n_features_of(tables)), np.nan, d.dtype)
+    K.descriptors_jvp(d, offsets, species, *tables, A, np.ascontiguousarray(dd), X_dot)
+    return X_dot if d_dot.ndim == 3 else X_dot[0]
 
 
 _BUCKET = 1024
@@ -117,6 +121,15 @@ def check_all(spec, d, centers, species, n_atoms, dtypes, seed=0):
         rhs = np.sum(X_bar * t.astype(np.float64))
         tol = 1e-12 if dtype == np.float64 else 1e-5
         assert abs(lhs - rhs) <= tol * (np.sum(np.abs(g * d_dot)) + 1e-300)
+        # several cotangents (tangents) in one call: each as its own call, bit for bit
+        xb2 = rng.normal(size=xb.shape).astype(dtype)
+        dd2 = rng.normal(size=ddot.shape).astype(dtype)
+        g2 = run_vjp(dd, offsets, species, tables, A, np.stack([xb, xb2, xb]))
+        t2 = run_jvp(dd, offsets, species, tables, A, np.stack([ddot, dd2]))
+        for many, ones in ((g2, (g, run_vjp(dd, offsets, species, tables, A, xb2), g)),
+                           (t2, (t, run_jvp(dd, offsets, species, tables, A, dd2)))):
+            for c, one in enumerate(ones):
+                np.testing.assert_array_equal(many[c], one)
         out[dtype] = (X, A, g, t)
     return out, offsets
 

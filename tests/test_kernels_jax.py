@@ -219,3 +219,60 @@ def test_vmap_is_one_call_over_padded_configurations(dtype):
             np.testing.assert_array_equal(np.asarray(n.reshape((4,) + n.shape[2:])[k]),
                                           np.asarray(b))
         assert not np.any(np.asarray(batched[1][k][n_real[k]:]))  # padding rows: zero gradient
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("members", [3, 17])
+def test_vmap_over_cotangents_of_one_geometry(dtype, members):
+    """A committee's members: cotangents (tangents) vmapped over one geometry and one
+    residual become the kernels' cotangent axis (one call; calls of 16 above that, the
+    last padded), inside a vmap over configurations as in training: the forces and the
+    parameter gradient of a force loss of each member equal one member at a time, and
+    the reference."""
+    n_atoms, n_species, r_cut = 7, 3, 3.2
+    spec = DescriptorSpec(n_species, r_cut, 3)
+    rng = np.random.default_rng(5)
+    rows = []
+    for k in range(2):
+        positions, cell, species = _random_system(40 + k, n_atoms, n_species, box=5.0 + 0.5 * k)
+        c, j, S, sp = _pairs(positions, cell, r_cut, species)
+        rows.append((positions, cell, c, j, S, sp))
+    P = max(len(r[2]) for r in rows)
+
+    def pad(a, fill):
+        a = np.asarray(a)
+        return np.concatenate([a, np.full((P - len(a),) + a.shape[1:], fill, a.dtype)])
+
+    with jax.enable_x64(dtype == "float64"):
+        d_b = jnp.stack([pair_displacements(jnp.asarray(p, dtype), jnp.asarray(cl, dtype),
+                                            jnp.asarray(pad(c, n_atoms)), jnp.asarray(pad(j, 0)),
+                                            jnp.asarray(pad(S, 0)))
+                         for p, cl, c, j, S, sp in rows])
+        c_b = jnp.stack([jnp.asarray(pad(r[2], n_atoms)) for r in rows])
+        s_b = jnp.stack([jnp.asarray(pad(r[5], 0)) for r in rows])
+        Ws = jnp.asarray(rng.normal(size=(members, n_atoms, spec.n_features)), dtype)
+        G = jnp.asarray(rng.normal(size=(P, 3)), dtype)
+
+        def per_member(d, c, s, Ws, backend, vmapped):
+            X, pullback = jax.vjp(lambda d: descriptors(spec, d, c, s, n_atoms, backend=backend),
+                                  d)
+
+            def one(W):
+                force_like = pullback(jnp.cos(X) * W)[0]
+                w_grad = jax.grad(lambda W: jnp.sum(G * pullback(jnp.sin(X) * W)[0]))(W)
+                return force_like, w_grad
+
+            if vmapped:
+                return jax.vmap(one)(Ws)
+            outs = [one(W) for W in Ws]
+            return tuple(jnp.stack(o) for o in zip(*outs))
+
+        def run(backend, vmapped):
+            f = jax.vmap(lambda d, c, s: per_member(d, c, s, Ws, backend, vmapped))
+            return jax.jit(f)(d_b, c_b, s_b)
+
+        batched, looped, ref = run("numba", True), run("numba", False), run("reference", True)
+    for a, b, r in zip(batched, looped, ref):
+        assert a.shape == (2, members) + b.shape[2:]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        _close(a, r, TOL[dtype])

@@ -24,12 +24,17 @@ own inputs, then its outputs:
                            density_from_residual gives descriptors.density_coefficients).
     descriptors_vjp(displacements, offsets, neighbor_species, *tables, A, X_bar,
                     d_bar)
-        d_bar (P, 3) = d/d(displacements) of sum(X_bar * X); zero on rows outside every
-        centre's run, on padding and on pairs with r == 0 or r >= r_cut.
+        X_bar (C, N, n_features): C cotangents; d_bar (C, P, 3), d_bar[c] =
+        d/d(displacements) of sum(X_bar[c] * X); zero on rows outside every centre's run,
+        on padding and on pairs with r == 0 or r >= r_cut.
     descriptors_jvp(displacements, offsets, neighbor_species, *tables, A, d_dot,
                     X_dot)
-        X_dot (N, n_features) = dX/d(displacements) . d_dot (also the transpose of the vjp
-        in X_bar: used for double backward).
+        d_dot (C, P, 3): C tangents; X_dot (C, N, n_features), X_dot[c] =
+        dX/d(displacements) . d_dot[c] (also the transpose of the vjp in X_bar: used for
+        double backward).
+        The C cotangents (tangents) share one pass over the pairs: the radial and angular
+        functions and their derivatives, most of a pair's work, are computed once for all
+        of them (a committee's members: one call instead of C).
 
 All float arrays of one call share the displacements' dtype (float32 or float64), except
 the radial tables (1-4), which are float64 for both.
@@ -1384,7 +1389,8 @@ def descriptors_fwd(displacements, offsets, neighbor_species,
 def descriptors_vjp(displacements, offsets, neighbor_species,
                     consts, rconsts, roots, W, series, ylm, nl_index, pair_index, poly,
                     A, X_bar, d_bar):
-    N = X_bar.shape[0]
+    C = X_bar.shape[0]
+    N = X_bar.shape[1]
     P = displacements.shape[0]
     S = pair_index.shape[0]
     L = roots.shape[0]
@@ -1395,7 +1401,8 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
     zero = consts[_C_ZERO]
     one = consts[_C_ONE]
     two = consts[_C_TWO]
-    _zero_uncovered(offsets, N, P, d_bar)
+    for kc in range(C):
+        _zero_uncovered(offsets, N, P, d_bar[kc])
     col, lm, start, length = _nlm_segments(nl_index, n_nl, n_nlm)
     ia, ib = _species_pairs(pair_index)
     use_poly = poly.shape[0] == n_nl
@@ -1447,16 +1454,17 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         At = np.empty((S, n_nlm, _W), dt)
-        Xbt = np.empty((X_bar.shape[1], _W), dt)
-        AbT = np.empty((S, n_nlm, _W), dt)  # A_bar of the chunk's lanes, centre-minor
+        Xbt = np.empty((X_bar.shape[2], _W), dt)
+        AbT = np.empty((C, S, n_nlm, _W), dt)  # A_bar of the chunk's lanes, centre-minor
         ch = np.int64(w)  # each worker's first item is its own, the rest go to whoever is free
         while ch < n_chunks:
             c0 = ch * _W
             nc, beg, cnt, order, gmax, n_blocks = _chunk_plan(offsets, c0, N, P)
             _zero(At)
             _residual_in(A, c0, nc, At)
-            _rows_to_lanes(X_bar, order, c0, nc, Xbt)
-            _abar_lanes(At, Xbt, pair_index, ia, ib, n_nl, col, two, AbT)
+            for kc in range(C):
+                _rows_to_lanes(X_bar[kc], order, c0, nc, Xbt)
+                _abar_lanes(At, Xbt, pair_index, ia, ib, n_nl, col, two, AbT[kc])
             gc = 0
             jc = 0
             for _ in range(n_blocks):
@@ -1472,42 +1480,43 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
                 _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
                 # each slot's A_bar row (its centre's lane, its species); zero for invalid slots
                 _species_masks(valid, spc, one, zero, M)
-                _gather_lanes(AbT, M, rowg, Mg, Ab)
-                # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl  (vectorised over pairs)
-                _t_and_g(L, Ab, g, dg, Y, zero, t, G)
-                # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
-                for b in range(_B):
-                    vx[b] = zero
-                    vy[b] = zero
-                    vz[b] = zero
-                for q in range(L * L):
+                for kc in range(C):  # the cotangents share the geometry above
+                    _gather_lanes(AbT[kc], M, rowg, Mg, Ab)
+                    # t = sum_nlm dg_nl A_bar Y_lm;  G_lm = sum_n A_bar g_nl (vectorised over pairs)
+                    _t_and_g(L, Ab, g, dg, Y, zero, t, G)
+                    # v = sum_lm G_lm grad Y_lm;  d_bar = u t + (v - u (u . v)) / r
                     for b in range(_B):
-                        gq = G[q, b]
-                        vx[b] += gq * dY[0, q, b]
-                        vy[b] += gq * dY[1, q, b]
-                        vz[b] += gq * dY[2, q, b]
-                for b in range(_B):
-                    x = wx[b]
-                    y = wy[b]
-                    z = wz[b]
-                    uv = x * vx[b] + y * vy[b] + z * vz[b]
-                    i_r = irt[b]
-                    tb = t[b]
-                    vx[b] = x * tb + (vx[b] - x * uv) * i_r
-                    vy[b] = y * tb + (vy[b] - y * uv) * i_r
-                    vz[b] = z * tb + (vz[b] - z * uv) * i_r
-                for b in range(_B):
-                    p = pidx[b]
-                    if p < 0:
-                        continue
-                    if valid[b]:
-                        d_bar[p, 0] = vx[b]
-                        d_bar[p, 1] = vy[b]
-                        d_bar[p, 2] = vz[b]
-                    else:
-                        d_bar[p, 0] = zero
-                        d_bar[p, 1] = zero
-                        d_bar[p, 2] = zero
+                        vx[b] = zero
+                        vy[b] = zero
+                        vz[b] = zero
+                    for q in range(L * L):
+                        for b in range(_B):
+                            gq = G[q, b]
+                            vx[b] += gq * dY[0, q, b]
+                            vy[b] += gq * dY[1, q, b]
+                            vz[b] += gq * dY[2, q, b]
+                    for b in range(_B):
+                        x = wx[b]
+                        y = wy[b]
+                        z = wz[b]
+                        uv = x * vx[b] + y * vy[b] + z * vz[b]
+                        i_r = irt[b]
+                        tb = t[b]
+                        vx[b] = x * tb + (vx[b] - x * uv) * i_r
+                        vy[b] = y * tb + (vy[b] - y * uv) * i_r
+                        vz[b] = z * tb + (vz[b] - z * uv) * i_r
+                    for b in range(_B):
+                        p = pidx[b]
+                        if p < 0:
+                            continue
+                        if valid[b]:
+                            d_bar[kc, p, 0] = vx[b]
+                            d_bar[kc, p, 1] = vy[b]
+                            d_bar[kc, p, 2] = vz[b]
+                        else:
+                            d_bar[kc, p, 0] = zero
+                            d_bar[kc, p, 1] = zero
+                            d_bar[kc, p, 2] = zero
             ch = claim(counter)
 
 
@@ -1515,7 +1524,8 @@ def descriptors_vjp(displacements, offsets, neighbor_species,
 def descriptors_jvp(displacements, offsets, neighbor_species,
                     consts, rconsts, roots, W, series, ylm, nl_index, pair_index, poly,
                     A, d_dot, X_dot):
-    N = X_dot.shape[0]
+    C = X_dot.shape[0]
+    N = X_dot.shape[1]
     P = displacements.shape[0]
     S = pair_index.shape[0]
     L = roots.shape[0]
@@ -1574,9 +1584,10 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
         M = np.empty((S, _B), dt)
         Mg = np.empty((S, _B), dt)
         rho = np.empty(_B, dt)
-        Xt = np.empty((X_dot.shape[1], _W), dt)  # the work item's X_dot, lane-major
+        Xt = np.empty((X_dot.shape[2], _W), dt)  # the work item's X_dot, lane-major
         At = np.empty((S, n_nlm, _W), dt)
-        Adt = np.empty((S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
+        Adt = np.empty((C, S, n_nlm, _W), dt)  # A_dot of the chunk's lanes, centre-minor
+        dgr = np.empty((n_nl, _B), dt)
         ch = np.int64(w)  # each worker's first item is its own, the rest go to whoever is free
         while ch < n_chunks:
             c0 = ch * _W
@@ -1597,39 +1608,43 @@ def descriptors_jvp(displacements, offsets, neighbor_species,
                     _radial_block(r, rmin, rconsts, roots, W, series, nl_index, True,
                                   ja, jb, inv, g0, jv, djv, g, dg)
                 _ylm(wx, wy, wz, consts, ylm, True, Cm, Sm, qa, qb, dqa, dqb, Y, dY)
-                # tangents of invalid slots are never read (a non-finite one must not reach A_dot)
-                for b in range(_B):
-                    p = pidx[b]
-                    if p >= 0 and valid[b]:
-                        ex[b] = d_dot[p, 0]
-                        ey[b] = d_dot[p, 1]
-                        ez[b] = d_dot[p, 2]
-                    else:
-                        ex[b] = zero
-                        ey[b] = zero
-                        ez[b] = zero
-                # rho = u . d_dot;  tangent = (d_dot - u rho) / r  (overwrites e)
-                for b in range(_B):
-                    x = wx[b]
-                    y = wy[b]
-                    z = wz[b]
-                    rh = x * ex[b] + y * ey[b] + z * ez[b]
-                    i_r = irt[b]
-                    rho[b] = rh
-                    ex[b] = (ex[b] - x * rh) * i_r
-                    ey[b] = (ey[b] - y * rh) * i_r
-                    ez[b] = (ez[b] - z * rh) * i_r
-                for q in range(L * L):
-                    for b in range(_B):
-                        Yt[q, b] = dY[0, q, b] * ex[b] + dY[1, q, b] * ey[b] + dY[2, q, b] * ez[b]
-                for c in range(n_nl):
-                    for b in range(_B):
-                        dg[c, b] *= rho[b]
-                # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
                 _species_masks(valid, spc, one, zero, M)
-                _scatter_products((dg, Y, g, Yt), col, lm, M, rowg, Mg, Adt)
-            _power_spectrum_t((At, Adt), pair_index, ia, ib, n_nl, start, length, Xt)
-            _lanes_to_rows(Xt, order, c0, nc, X_dot)
+                for kc in range(C):  # the tangents share the geometry above
+                    # tangents of invalid slots are never read (a non-finite one must not
+                    # reach A_dot)
+                    for b in range(_B):
+                        p = pidx[b]
+                        if p >= 0 and valid[b]:
+                            ex[b] = d_dot[kc, p, 0]
+                            ey[b] = d_dot[kc, p, 1]
+                            ez[b] = d_dot[kc, p, 2]
+                        else:
+                            ex[b] = zero
+                            ey[b] = zero
+                            ez[b] = zero
+                    # rho = u . d_dot;  tangent = (d_dot - u rho) / r  (overwrites e)
+                    for b in range(_B):
+                        x = wx[b]
+                        y = wy[b]
+                        z = wz[b]
+                        rh = x * ex[b] + y * ey[b] + z * ez[b]
+                        i_r = irt[b]
+                        rho[b] = rh
+                        ex[b] = (ex[b] - x * rh) * i_r
+                        ey[b] = (ey[b] - y * rh) * i_r
+                        ez[b] = (ez[b] - z * rh) * i_r
+                    for q in range(L * L):
+                        for b in range(_B):
+                            Yt[q, b] = (dY[0, q, b] * ex[b] + dY[1, q, b] * ey[b]
+                                        + dY[2, q, b] * ez[b])
+                    for c in range(n_nl):
+                        for b in range(_B):
+                            dgr[c, b] = dg[c, b] * rho[b]
+                    # contributions dg_nl rho Y_lm + g_nl Y_t,lm, added lane-wise
+                    _scatter_products((dgr, Y, g, Yt), col, lm, M, rowg, Mg, Adt[kc])
+            for kc in range(C):
+                _power_spectrum_t((At, Adt[kc]), pair_index, ia, ib, n_nl, start, length, Xt)
+                _lanes_to_rows(Xt, order, c0, nc, X_dot[kc])
             ch = claim(counter)
 
 
@@ -1665,15 +1680,19 @@ def forward(displacements, offsets, neighbor_species, tables):
 
 
 def vjp(displacements, offsets, neighbor_species, tables, A, X_bar):
-    """d_bar (P, 3) on numpy arrays."""
-    d_bar = np.empty(displacements.shape, displacements.dtype)
-    descriptors_vjp(displacements, offsets, neighbor_species, *tables, A, X_bar, d_bar)
-    return d_bar
+    """d_bar (P, 3) on numpy arrays; X_bar (N, F), or (C, N, F) for d_bar (C, P, 3)."""
+    Xb = X_bar if X_bar.ndim == 3 else X_bar[None]
+    d_bar = np.empty((Xb.shape[0],) + displacements.shape, displacements.dtype)
+    descriptors_vjp(displacements, offsets, neighbor_species, *tables, A,
+                    np.ascontiguousarray(Xb), d_bar)
+    return d_bar if X_bar.ndim == 3 else d_bar[0]
 
 
 def jvp(displacements, offsets, neighbor_species, tables, A, d_dot):
-    """X_dot (N, n_features) on numpy arrays."""
+    """X_dot (N, n_features) on numpy arrays; d_dot (P, 3), or (C, P, 3) for X_dot (C, N, F)."""
+    dd = d_dot if d_dot.ndim == 3 else d_dot[None]
     N = len(offsets) - 1
-    X_dot = np.empty((N, n_features_of(tables)), displacements.dtype)
-    descriptors_jvp(displacements, offsets, neighbor_species, *tables, A, d_dot, X_dot)
-    return X_dot
+    X_dot = np.empty((dd.shape[0], N, n_features_of(tables)), displacements.dtype)
+    descriptors_jvp(displacements, offsets, neighbor_species, *tables, A,
+                    np.ascontiguousarray(dd), X_dot)
+    return X_dot if d_dot.ndim == 3 else X_dot[0]
