@@ -8,7 +8,7 @@ Run::
 One jitted AdamW step (forward, forces, force+energy log-cosh loss, its parameter
 gradient, update) of the article's model (widths 64-32-16-16-16, n_max 4, r_cut
 3.5 Å, Morse term) in float32, ``backend="numba"`` next to ``backend="reference"``,
-committee sizes 1 and 4 (descriptors shared by the members).  The EAN data lives in
+committee sizes 1, 4 and 8 (descriptors shared by the members).  The EAN data lives in
 ../shared (skipped with a reason where it is absent); the numba column is skipped
 while its kernels raise NotImplementedError.
 """
@@ -34,7 +34,7 @@ def ean_batch():
     return read_dataset(EAN, ean_species_sequence(15))[:8]
 
 
-@pytest.mark.parametrize("committee", [1, 4])
+@pytest.mark.parametrize("committee", [1, 4, 8])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_training_step(benchmark, ean_batch, backend, committee):
     from neuralil_fast.model import NeuralIL

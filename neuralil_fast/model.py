@@ -86,14 +86,16 @@ class AtomicNetwork(nn.Module):
         return e, morse
 
 
-def _smooth_step(t):
-    """G(t) = h(t) / (h(t) + h(1 - t)), h(t) = exp(-1/t) for t > 0 else 0 (NaN-safe)."""
-    def h(u):
-        pos = u > 0.0
-        return jnp.where(pos, jnp.exp(-1.0 / jnp.where(pos, u, 1.0)), 0.0)
+def _switch_off(t):
+    """1 - G(t), G(t) = h(t) / (h(t) + h(1 - t)), h(t) = exp(-1/t) for t > 0 else 0.
 
-    a, b = h(t), h(1.0 - t)
-    return a / (a + b)
+    Written as sigmoid(1/t - 1/(1 - t)) on 0 < t < 1 (one exp instead of two and no
+    division of two vanishing numbers), 1 below, 0 above; NaN-safe at the edges.
+    """
+    inside = (t > 0.0) & (t < 1.0)
+    u = jnp.where(inside, t, 0.5)
+    return jnp.where(inside, jax.nn.sigmoid(1.0 / u - 1.0 / (1.0 - u)),
+                     jnp.where(t <= 0.0, 1.0, 0.0))
 
 
 def morse_atomic_energies(abd, switch_param, r, valid, species_i, species_j, centers, n_atoms,
@@ -101,14 +103,24 @@ def morse_atomic_energies(abd, switch_param, r, valid, species_i, species_j, cen
     """Repulsive Morse energy per atom (N,), eV, from pairs.
 
     abd: (S, 3) per-species (a 1/Å, b Å, d eV); r (P,) Å; valid (P,) bool.
-    E_i = 1/2 sum_j S(r_ij) d_i exp(-2 a_i (2 r1_ij - b_i)), r1_ij the probe's mixing radius.
+    E_i = 1/2 sum_j S(r_ij) d_i exp(-2 a_i (2 r1_ij - b_i)), r1_ij the probe's mixing radius
+    r1 = (a_j r + log(a_i d_i / (a_j d_j)) / 4 + (a_i b_i - a_j b_j) / 2) / (a_i + a_j).
     """
-    ai, bi, di = abd[species_i, 0], abd[species_i, 1], abd[species_i, 2]
-    aj, bj, dj = abd[species_j, 0], abd[species_j, 1], abd[species_j, 2]
-    r1 = (aj * r + 0.25 * jnp.log(ai * di / (aj * dj)) + 0.5 * (ai * bi - aj * bj)) / (ai + aj)
-    phi = di * jnp.exp(-2.0 * ai * (2.0 * r1 - bi))
+    # linear in r, so d_i exp(-2 a_i (2 r1 - b_i)) = exp(c0_ij - c1_ij r): the (S, S) table
+    # of (c0, c1) is built once, each pair gathers one row and takes one exp (training a
+    # committee repeats the per-pair work for every member and both derivative orders)
+    n_species = abd.shape[0]
+    a, b, d = abd[:, 0], abd[:, 1], abd[:, 2]
+    ai, aj = a[:, None], a[None, :]
+    beta = (0.25 * jnp.log((a * d)[:, None] / (a * d)[None, :])
+            + 0.5 * ((a * b)[:, None] - (a * b)[None, :])) / (ai + aj)
+    c0 = jnp.log(d)[:, None] - 4.0 * ai * beta + 2.0 * (a * b)[:, None]
+    c1 = 4.0 * ai * aj / (ai + aj)
+    table = jnp.stack([c0, c1], axis=-1).reshape(n_species * n_species, 2)
+    coef = table[species_i * n_species + species_j]
+    phi = jnp.exp(coef[:, 0] - coef[:, 1] * r)
     r_s = 0.5 * (1.0 + jax.nn.sigmoid(switch_param)) * r_cut
-    cutoff = 1.0 - _smooth_step((r * r - r_s * r_s) / (r_cut * r_cut - r_s * r_s))
+    cutoff = _switch_off((r * r - r_s * r_s) / (r_cut * r_cut - r_s * r_s))
     pair = jnp.where(valid, 0.5 * cutoff * phi, 0.0)
     return jax.ops.segment_sum(pair, jnp.where(valid, centers, n_atoms), num_segments=n_atoms)
 

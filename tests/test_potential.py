@@ -187,3 +187,81 @@ def test_blocked_calculator_open_cluster_with_isolated_atoms():
     np.testing.assert_allclose(blocked.get_potential_energies(), one.get_potential_energies(),
                                rtol=0, atol=1e-10)
     assert np.abs(one.get_forces()[-2:]).max() == 0.0
+
+
+def _morse_literal(abd, switch_param, r, species_i, species_j, r_cut):
+    """The article's Morse pair energies (P,), as written there: numpy, float64."""
+    a, b, d = (np.asarray(abd, np.float64)[:, k] for k in range(3))
+    ai, bi, di, aj, bj, dj = a[species_i], b[species_i], d[species_i], a[species_j], \
+        b[species_j], d[species_j]
+    r1 = (aj * r + 0.25 * np.log(ai * di / (aj * dj)) + 0.5 * (ai * bi - aj * bj)) / (ai + aj)
+    phi = di * np.exp(-2.0 * ai * (2.0 * r1 - bi))
+    r_s = 0.5 * (1.0 + 1.0 / (1.0 + np.exp(-switch_param))) * r_cut
+    t = (r * r - r_s * r_s) / (r_cut * r_cut - r_s * r_s)
+    with np.errstate(divide="ignore", over="ignore"):
+        h = lambda u: np.where(u > 0, np.exp(-1.0 / np.where(u > 0, u, 1.0)), 0.0)  # noqa: E731
+        G = h(t) / (h(t) + h(1.0 - t))
+    return 0.5 * (1.0 - G) * phi
+
+
+def test_morse_term_matches_the_article_formula(dtype, tol):
+    """Per-atom Morse energies against the literal formula (below, across and beyond the
+    switching region), and their gradients in r and the parameters (first and second order:
+    forces and the force loss) against finite differences of the float64 formula."""
+    from neuralil_fast.model import morse_atomic_energies
+
+    rng = np.random.default_rng(4)
+    S, n_atoms, r_cut = 4, 6, 3.0
+    abd = np.stack([rng.uniform(0.8, 1.6, S), rng.uniform(0.5, 1.5, S),
+                    rng.uniform(0.1, 0.5, S)], axis=1)
+    switch = 0.3
+    r = np.concatenate([rng.uniform(0.6, 3.2, 60), [1e-9, 2.999999]])
+    si, sj = rng.integers(0, S, r.size), rng.integers(0, S, r.size)
+    centers = rng.integers(0, n_atoms, r.size)
+    valid = (r > 1e-6) & (r < r_cut)
+
+    def per_atom_literal(abd, r):
+        pair = np.where(valid, _morse_literal(abd, switch, np.where(valid, r, 1.0), si, sj,
+                                              r_cut), 0.0)
+        return np.bincount(centers, pair, minlength=n_atoms)
+
+    def ours(abd, r):
+        return morse_atomic_energies(abd, jnp.asarray(switch, dtype), r, jnp.asarray(valid),
+                                     jnp.asarray(si), jnp.asarray(sj), jnp.asarray(centers),
+                                     n_atoms, r_cut)
+
+    A, R = jnp.asarray(abd, dtype), jnp.asarray(r, dtype)
+    e = np.asarray(ours(A, R), np.float64)
+    ref = per_atom_literal(abd, r)
+    assert np.all(ref > 0) and np.any(r[valid] > 0.75 * r_cut)  # the switch region is used
+    rtol = tol["rtol"]
+    np.testing.assert_allclose(e, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+    # dE/dr (forces) and d/d(abd) of a force-like loss, against central differences
+    w = rng.normal(size=r.size)
+    dEdr = jax.grad(lambda R: jnp.sum(ours(A, R)))
+    h = 1e-6
+    fd_r = np.array([(per_atom_literal(abd, r + h * (np.arange(r.size) == k)).sum()
+                      - per_atom_literal(abd, r - h * (np.arange(r.size) == k)).sum()) / (2 * h)
+                     for k in range(r.size)])
+    rtol = 10 * rtol + 1e-7  # central differences of the float64 formula: ~1e-9
+    np.testing.assert_allclose(np.asarray(dEdr(R)), fd_r, rtol=rtol,
+                               atol=rtol * np.abs(fd_r).max())
+
+    def force_loss_literal(abd):
+        g = np.array([(per_atom_literal(abd, r + h * (np.arange(r.size) == k)).sum()
+                       - per_atom_literal(abd, r - h * (np.arange(r.size) == k)).sum())
+                      / (2 * h) for k in range(r.size)])
+        return float(np.sum(w * g))
+
+    W = jnp.asarray(w, dtype)
+    g_ours = np.asarray(jax.grad(lambda A: jnp.sum(W * jax.grad(
+        lambda R: jnp.sum(ours(A, R)))(R)))(A), np.float64)
+    hp = 1e-4
+    g_fd = np.zeros_like(abd)
+    for idx in np.ndindex(*abd.shape):
+        step = np.zeros_like(abd)
+        step[idx] = hp
+        g_fd[idx] = (force_loss_literal(abd + step) - force_loss_literal(abd - step)) / (2 * hp)
+    print(np.abs(g_ours - g_fd).max() / np.abs(g_fd).max())
+    rtol = rtol + 1e-5  # nested differences: ~1e-7
+    np.testing.assert_allclose(g_ours, g_fd, rtol=rtol, atol=rtol * np.abs(g_fd).max())
