@@ -149,6 +149,26 @@ def test_vmap_over_configurations_and_hessian_route():
             jax.jvp(lambda x: energy(x, "numba"), (pos,), (pos,))
 
 
+def _padded_configurations(n, n_atoms, n_species, r_cut, seed, box_step, extra_rows, rng):
+    """n small random configurations' pairs, padded to one pair count (the longest plus
+    ``extra_rows``): displacements (n, P, 3), centres and neighbour species (n, P), numpy,
+    and the real pair counts.  Padding rows: centre = n_atoms as the layout says, junk
+    displacements and species."""
+    rows = []
+    for k in range(n):
+        positions, cell, species = _random_system(seed + k, n_atoms, n_species,
+                                                  box=5.0 + box_step * k)
+        c, j, S, sp = _pairs(positions, cell, r_cut, species)
+        d = pair_displacements(jnp.asarray(positions), jnp.asarray(cell), c, j, S)
+        rows.append((np.asarray(d), np.asarray(c), np.asarray(sp)))
+    P = max(len(r[1]) for r in rows) + extra_rows
+    d_b = np.stack([np.concatenate([d, rng.normal(0, 1.0, (P - len(d), 3))]) for d, _, _ in rows])
+    c_b = np.stack([np.concatenate([c, np.full(P - len(c), n_atoms)]) for _, c, _ in rows])
+    s_b = np.stack([np.concatenate([s, rng.integers(0, n_species, P - len(s))])
+                    for _, _, s in rows])
+    return d_b, c_b, s_b, [len(r[1]) for r in rows]
+
+
 def padded_batch_outputs(backend, dtype, with_loop=True, with_nested=True):
     """Four small configurations with their own pairs, padded to one pair count, and
     (forward X, force-like vjp, parameter gradient of a force-like loss through the jvp)
@@ -160,18 +180,8 @@ def padded_batch_outputs(backend, dtype, with_loop=True, with_nested=True):
     n_atoms, n_species, r_cut = 7, 3, 3.2
     spec = DescriptorSpec(n_species, r_cut, 3)
     rng = np.random.default_rng(11)
-    rows = []
-    for k in range(4):
-        positions, cell, species = _random_system(20 + k, n_atoms, n_species, box=5.0 + 0.4 * k)
-        c, j, S, sp = _pairs(positions, cell, r_cut, species)
-        d = pair_displacements(jnp.asarray(positions), jnp.asarray(cell), c, j, S)
-        rows.append((np.asarray(d), np.asarray(c), np.asarray(sp)))
-    P = max(len(r[1]) for r in rows) + 5
-    # padding rows: centre = N as the layout says, junk displacements and species
-    d_b = np.stack([np.concatenate([d, rng.normal(0, 1.0, (P - len(d), 3))]) for d, _, _ in rows])
-    c_b = np.stack([np.concatenate([c, np.full(P - len(c), n_atoms)]) for _, c, _ in rows])
-    s_b = np.stack([np.concatenate([s, rng.integers(0, n_species, P - len(s))])
-                    for _, _, s in rows])
+    d_b, c_b, s_b, n_real = _padded_configurations(4, n_atoms, n_species, r_cut, 20, 0.4, 5, rng)
+    P = d_b.shape[1]
     W = rng.normal(size=(n_atoms, spec.n_features))
     G = rng.normal(size=(P, 3))
     with jax.enable_x64(dtype == "float64"):
@@ -204,7 +214,7 @@ def padded_batch_outputs(backend, dtype, with_loop=True, with_nested=True):
             nested = jax.jit(jax.vmap(jax.vmap(outputs, in_axes=(0, 0, 0, None)),
                                       in_axes=(0, 0, 0, None)))(
                 d_b.reshape(2, 2, P, 3), c_b.reshape(2, 2, P), s_b.reshape(2, 2, P), W)
-    return loop, batched, nested, [len(r[1]) for r in rows], calls
+    return loop, batched, nested, n_real, calls
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -232,24 +242,11 @@ def test_vmap_over_cotangents_of_one_geometry(dtype, members):
     n_atoms, n_species, r_cut = 7, 3, 3.2
     spec = DescriptorSpec(n_species, r_cut, 3)
     rng = np.random.default_rng(5)
-    rows = []
-    for k in range(2):
-        positions, cell, species = _random_system(40 + k, n_atoms, n_species, box=5.0 + 0.5 * k)
-        c, j, S, sp = _pairs(positions, cell, r_cut, species)
-        rows.append((positions, cell, c, j, S, sp))
-    P = max(len(r[2]) for r in rows)
-
-    def pad(a, fill):
-        a = np.asarray(a)
-        return np.concatenate([a, np.full((P - len(a),) + a.shape[1:], fill, a.dtype)])
-
+    d_b, c_b, s_b, _ = _padded_configurations(2, n_atoms, n_species, r_cut, 40, 0.5, 3, rng)
+    P = d_b.shape[1]
     with jax.enable_x64(dtype == "float64"):
-        d_b = jnp.stack([pair_displacements(jnp.asarray(p, dtype), jnp.asarray(cl, dtype),
-                                            jnp.asarray(pad(c, n_atoms)), jnp.asarray(pad(j, 0)),
-                                            jnp.asarray(pad(S, 0)))
-                         for p, cl, c, j, S, sp in rows])
-        c_b = jnp.stack([jnp.asarray(pad(r[2], n_atoms)) for r in rows])
-        s_b = jnp.stack([jnp.asarray(pad(r[5], 0)) for r in rows])
+        d_b = jnp.asarray(d_b, dtype)
+        c_b, s_b = jnp.asarray(c_b, jnp.int32), jnp.asarray(s_b, jnp.int32)
         Ws = jnp.asarray(rng.normal(size=(members, n_atoms, spec.n_features)), dtype)
         G = jnp.asarray(rng.normal(size=(P, 3)), dtype)
 
