@@ -22,7 +22,7 @@ from .model import NeuralIL, pair_atomic_energies
 from .neighbors import pair_displacements, times_3x3
 from .potential import _deformation, _voigt_stress
 
-__all__ = ["committee_evaluate", "committee_evaluate_jit", "stack", "unstack", "member",
+__all__ = ["committee_evaluate", "committee_evaluate_batch", "committee_evaluate_jit", "stack", "unstack", "member",
            "committee_size", "save_committee", "load_any", "summarize"]
 
 
@@ -57,46 +57,77 @@ def committee_evaluate(model: NeuralIL, params_K, positions, cell, species, cent
     atom_mask: optional (N,) 0/1; masked atoms (padding) contribute no energy.
     Returns dict(energy (K,), energies (K, N), forces (K, N, 3)[, stress (K, 6)]).
     """
-    n_atoms = positions.shape[0]
+    one = (positions, cell, species, centers, neighbors, shifts)
+    mask = None if atom_mask is None else atom_mask[None]
+    out = committee_evaluate_batch(model, params_K, *(a[None] for a in one), backend=backend,
+                                   stress=stress, atom_mask=mask)
+    return {k: v[:, 0] for k, v in out.items()}
+
+
+def committee_evaluate_batch(model: NeuralIL, params_K, positions, cell, species, centers,
+                             neighbors, shifts, backend: str = "reference", stress: bool = False,
+                             atom_mask=None):
+    """:func:`committee_evaluate` of B padded configurations at once, members outermost.
+
+    positions (B, N, 3), cell (B, 3, 3), species (B, N), centers/neighbors (B, P),
+    shifts (B, P, 3), atom_mask (B, N) or None.  Returns dict(energy (K, B),
+    energies (K, B, N), forces (K, B, N, 3)[, stress (K, B, 6)]).
+
+    Each member's network sees the batch as one (B N, F) system: the descriptors are
+    shared, so the first layer is one GEMM against the K kernels, and no member/
+    configuration transposes appear between the layers (a committee of 8 trains
+    ~1.2x faster than with the members vmapped inside each configuration).
+    """
+    B, n_atoms = species.shape
     dtype = positions.dtype
     valid_row = centers < n_atoms
-    species_j = jnp.where(valid_row, species[jnp.where(valid_row, neighbors, 0)], 0)
-    species_i = species[jnp.where(valid_row, centers, 0)]
+    species_j = jnp.where(valid_row, jnp.take_along_axis(
+        species, jnp.where(valid_row, neighbors, 0), axis=1), 0)
+    species_i = jnp.take_along_axis(species, jnp.where(valid_row, centers, 0), axis=1)
     desc_species = species_j if model.element_resolved else jnp.zeros_like(species_j)
-    mask = jnp.ones((n_atoms,), dtype) if atom_mask is None else atom_mask.astype(dtype)
+    mask = jnp.ones((B, n_atoms), dtype) if atom_mask is None else atom_mask.astype(dtype)
 
-    def displacements(pos, strain):
+    @jax.vmap
+    def displacements(pos, cell, strain, centers, neighbors, shifts):
         deform = _deformation(strain)
         return pair_displacements(times_3x3(pos, deform), times_3x3(cell, deform), centers,
                                   neighbors, shifts)
 
-    def desc(pos, strain):
-        return descriptors(model.spec, displacements(pos, strain), centers, desc_species, n_atoms,
-                           backend=backend)
+    # the pair displacements are the one place positions (and strain) enter: the
+    # descriptors' and the pair terms' cotangents meet there and are pulled back once
+    strain0 = jnp.zeros((B, 3, 3), dtype)
+    d, disp_pullback = jax.vjp(
+        lambda pos, strain: displacements(pos, cell, strain, centers, neighbors, shifts),
+        positions, strain0)
+    X, desc_pullback = jax.vjp(
+        jax.vmap(lambda d, c, s: descriptors(model.spec, d, c, s, n_atoms, backend=backend)),
+        d, centers, desc_species)
+    n_features = X.shape[-1]
 
-    strain0 = jnp.zeros((3, 3), dtype)
-    X, desc_pullback = jax.vjp(desc, positions, strain0)
+    def pair_terms(morse, d):
+        def one(d, c, si, sj):
+            r, _, valid = _pair_geometry(d, c, n_atoms, model.r_cut)
+            return pair_atomic_energies(model, morse, r, valid, si, sj, c, n_atoms)
+        return jax.vmap(one)(d, centers, species_i, species_j)
 
-    def one(p):
-        def energy(X, pos, strain):
-            e, morse = model.apply_network(p, X, species)
+    def member(p):
+        def energy(X, d):
+            e, morse = model.apply_network(p, X.reshape(B * n_atoms, n_features),
+                                           species.reshape(B * n_atoms))
+            e = e.reshape(B, n_atoms)
             if morse is not None or model.core_repulsion is not None:
-                r, _, valid = _pair_geometry(displacements(pos, strain), centers, n_atoms,
-                                             model.r_cut)
-                e = e + pair_atomic_energies(model, morse, r, valid, species_i, species_j,
-                                             centers, n_atoms)
+                e = e + pair_terms(morse, d)
             e = e * mask
             return jnp.sum(e), e
 
-        (E, e), (gX, gpos, gstrain) = jax.value_and_grad(energy, argnums=(0, 1, 2),
-                                                         has_aux=True)(X, positions, strain0)
-        dpos, dstrain = desc_pullback(gX)
-        out = {"energy": E, "energies": e, "forces": -(gpos + dpos)}
+        (_, e), (gX, gd) = jax.value_and_grad(energy, argnums=(0, 1), has_aux=True)(X, d)
+        gpos, gstrain = disp_pullback(gd + desc_pullback(gX)[0])
+        out = {"energy": jnp.sum(e, axis=1), "energies": e, "forces": -gpos}
         if stress:
-            out["stress"] = _voigt_stress(gstrain + dstrain, cell)
+            out["stress"] = jax.vmap(_voigt_stress)(gstrain, cell)
         return out
 
-    return jax.vmap(one)(params_K)
+    return jax.vmap(member)(params_K)
 
 
 committee_evaluate_jit = jax.jit(committee_evaluate, static_argnames=("model", "backend", "stress"))

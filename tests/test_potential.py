@@ -262,6 +262,61 @@ def test_morse_term_matches_the_article_formula(dtype, tol):
         step = np.zeros_like(abd)
         step[idx] = hp
         g_fd[idx] = (force_loss_literal(abd + step) - force_loss_literal(abd - step)) / (2 * hp)
-    print(np.abs(g_ours - g_fd).max() / np.abs(g_fd).max())
     rtol = rtol + 1e-5  # nested differences: ~1e-7
     np.testing.assert_allclose(g_ours, g_fd, rtol=rtol, atol=rtol * np.abs(g_fd).max())
+
+
+def test_swish_and_its_derivatives(dtype, tol):
+    """Swish-1 with its written derivative rule: values, first and second derivatives
+    against the closed forms, and check_grads (order 2) against finite differences."""
+    from jax.test_util import check_grads
+
+    from neuralil_fast.model import swish
+
+    x = jnp.asarray(np.concatenate([np.linspace(-30, 30, 61), [-1e4, 1e4, 0.0]]), dtype)
+    xn = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        s = 1 / (1 + np.exp(-xn))
+    d1 = s * (1 + xn * (1 - s))
+    d2 = s * (1 - s) * (2 + xn * (1 - 2 * s))
+    rtol = tol["rtol"]
+    np.testing.assert_allclose(np.asarray(swish(x)), xn * s, rtol=rtol, atol=rtol)
+    g1 = jax.vmap(jax.grad(swish))(x)
+    g2 = jax.vmap(jax.grad(jax.grad(swish)))(x)
+    np.testing.assert_allclose(np.asarray(g1), d1, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(np.asarray(g2), d2, rtol=rtol, atol=rtol)
+    xs = jnp.asarray(np.linspace(-4, 4, 9), dtype)
+    if dtype == jnp.float64:
+        check_grads(swish, (xs,), order=2, modes=("fwd", "rev"))
+
+
+def test_network_equals_the_concatenated_dense_formula(dtype, tol):
+    """The inlet's split matmul (descriptors @ kernel[:F] + (embedding @ kernel[F:])[species])
+    against the literal concat-then-Dense network, written out in numpy (float64)."""
+    model = nf.NeuralIL(species=SPECIES, r_cut=3.0, n_max=3, widths=(16, 8, 8))
+    params = model.init(jax.random.key(2), dtype)
+    rng = np.random.default_rng(5)
+    F = model.spec.n_features
+    X = rng.normal(size=(13, F))
+    sp = rng.integers(0, len(SPECIES), 13)
+    e, _ = model.apply_network(params, jnp.asarray(X, dtype), jnp.asarray(sp, jnp.int32))
+
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    core = P["core_model"]
+    sw = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+
+    def dense(v, name):
+        return v @ core[name]["kernel"] + core[name]["bias"]
+
+    def layer_norm(v, name):
+        mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+        return (v - mu) / np.sqrt(var + 1e-6) * core[name]["scale"] + core[name]["bias"]
+
+    h = sw(dense(np.concatenate([X, P["embed"]["embedding"][sp]], axis=1), "Inlet"))
+    for k in range(1, len(model.widths)):
+        h = sw(layer_norm(dense(h, f"Stage_{k}"), f"LayerNorm_{k - 1}"))
+    out = sw(dense(h, "Outlet"))
+    ref = (out @ P["denormalizer"]["kernel"] + P["denormalizer"]["bias"])[:, 0]
+    rtol = tol["rtol"]
+    np.testing.assert_allclose(np.asarray(e, np.float64), ref, rtol=rtol,
+                               atol=rtol * np.abs(ref).max())

@@ -254,7 +254,12 @@ def test_forces_only_fits_energy_offset(configs):
 
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
 def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch, cap):
-    """Whole-set and chunked (last chunk padded) predictions equal one call per configuration."""
+    """Whole-set and chunked (last chunk padded) predictions of a committee (members
+    outermost, the batch as one system) equal each member on each unpadded configuration
+    through the single-model path (``potential.evaluate``, its own neighbour list)."""
+    from neuralil_fast.geometry import species_indices
+    from neuralil_fast.neighbors import allocate
+    from neuralil_fast.potential import evaluate_jit
     from neuralil_fast.training import loop
 
     model = tiny_model()
@@ -267,13 +272,17 @@ def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch,
     assert chunk == max(2, min(7, cap // 8))
     E, F = trainer.predict(params, data)
     assert E.shape == (7, 2) and F.shape == (7, 2) + data.positions.shape[1:]
-    for k in range(7):
-        row = jax.tree.map(jnp.asarray, take(data, k))
-        out = committee_evaluate_jit(model, params, row.positions, row.cell, row.species,
-                                     row.centers, row.neighbors, row.shifts,
-                                     atom_mask=row.atom_mask)
-        np.testing.assert_allclose(E[k], np.asarray(out["energy"]), rtol=1e-12)
-        np.testing.assert_allclose(F[k], np.asarray(out["forces"]), rtol=1e-10, atol=1e-12)
+    for k, c in enumerate(configs[:7]):
+        nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
+        args = (jnp.asarray(c.positions), jnp.asarray(c.cell),
+                jnp.asarray(species_indices(c.numbers, model.species)), nl.centers,
+                nl.neighbors, nl.shifts)
+        for m in range(2):
+            ref = evaluate_jit(model, member(params, m), *args, stress=False)
+            np.testing.assert_allclose(E[k, m], float(ref["energy"]), rtol=1e-12)
+            np.testing.assert_allclose(F[k, m, :c.n_atoms], np.asarray(ref["forces"]),
+                                       rtol=1e-10, atol=1e-12)
+            assert np.all(F[k, m, c.n_atoms:] == 0)
 
 
 # --------------------------------------------------------------------------- CLI, checkpoints

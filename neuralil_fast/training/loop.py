@@ -1,10 +1,10 @@
 """The training loop: AdamW, one-cycle LR, keep-best, early stopping, checkpoints.
 
 Parameters are always held as a committee (a leading axis K on every leaf; K = 1
-for a single model).  One jitted step covers the whole batch: ``jax.vmap`` over
-the batch's configurations of :func:`neuralil_fast.committee.committee_evaluate`
-(descriptors once per configuration through the chosen backend, the K networks
-vmapped over parameters), the loss of each member, and one AdamW update (an
+for a single model).  One jitted step covers the whole batch:
+:func:`neuralil_fast.committee.committee_evaluate_batch` (descriptors once per
+configuration through the chosen backend, the K networks vmapped over parameters,
+each on the batch as one system), the loss of each member, and one AdamW update (an
 elementwise optimiser on stacked parameters = K independent optimisers).
 
 Resuming is exact: the state file holds the parameters, the flattened optimiser
@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from ..backends import resolve_backend
-from ..committee import committee_evaluate, committee_size, stack
+from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
 from .data import PaddedData, take, to_device
 from .losses import LossConfig, total_loss
@@ -168,13 +168,11 @@ def make_optimizer(weight_decay):
 
 
 def _evaluate_batch(model, backend, params, batch):
-    """vmap over the batch's configurations: E (B, K) eV, F (B, K, N, 3) eV/Å."""
-    def one(c):
-        out = committee_evaluate(model, params, c.positions, c.cell, c.species, c.centers,
-                                 c.neighbors, c.shifts, backend=backend, atom_mask=c.atom_mask)
-        return out["energy"], out["forces"]
-
-    return jax.vmap(one)(batch)
+    """The batch's configurations, members outermost: E (K, B) eV, F (K, B, N, 3) eV/Å."""
+    out = committee_evaluate_batch(model, params, batch.positions, batch.cell, batch.species,
+                                   batch.centers, batch.neighbors, batch.shifts,
+                                   backend=backend, atom_mask=batch.atom_mask)
+    return out["energy"], out["forces"]
 
 
 def _loss_fn(model, backend, loss, params, data, idx, weight):
@@ -183,8 +181,7 @@ def _loss_fn(model, backend, loss, params, data, idx, weight):
     E, F = _evaluate_batch(model, backend, params, batch)
     per_member = jax.vmap(
         lambda e, f: total_loss(loss, e, batch.energy, batch.n_atoms, weight, f, batch.forces,
-                                batch.atom_mask),
-        in_axes=(1, 1))(E, F)
+                                batch.atom_mask))(E, F)
     return jnp.sum(per_member), per_member
 
 
@@ -231,7 +228,9 @@ def _train_step(params, opt_state, data, idx, weight, lr, *, model, backend, los
 
 @functools.partial(jax.jit, static_argnames=("model", "backend"))
 def _predict_batch(params, batch, *, model, backend):
-    return _evaluate_batch(model, backend, params, batch)
+    """E (B, K) eV, F (B, K, N, 3) eV/Å."""
+    E, F = _evaluate_batch(model, backend, params, batch)
+    return E.T, jnp.moveaxis(F, 0, 1)
 
 
 # Validation runs every epoch: one call for the whole set (12 EAN configurations in one
