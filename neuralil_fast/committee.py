@@ -22,8 +22,8 @@ from .model import NeuralIL, pair_atomic_energies
 from .neighbors import pair_displacements, times_3x3
 from .potential import _deformation, _voigt_stress
 
-__all__ = ["committee_evaluate", "committee_evaluate_batch", "committee_evaluate_jit", "stack", "unstack", "member",
-           "committee_size", "save_committee", "load_any", "summarize"]
+__all__ = ["committee_evaluate", "committee_evaluate_batch", "committee_evaluate_jit", "stack",
+           "unstack", "member", "committee_size", "save_committee", "load_any", "summarize"]
 
 
 def stack(params_list):
@@ -75,8 +75,8 @@ def committee_evaluate_batch(model: NeuralIL, params_K, positions, cell, species
 
     Each member's network sees the batch as one (B N, F) system: the descriptors are
     shared, so the first layer is one GEMM against the K kernels, and no member/
-    configuration transposes appear between the layers (a committee of 8 trains
-    ~1.2x faster than with the members vmapped inside each configuration).
+    configuration transposes appear between the layers (training step 1.05-1.10x
+    faster than with the members vmapped inside each configuration, K = 1 to 8).
     """
     B, n_atoms = species.shape
     dtype = positions.dtype
