@@ -35,6 +35,18 @@ def tiny_model(**kw):
     return NeuralIL(**settings)
 
 
+def unpadded_args(model, c):
+    """(positions, cell, species, centers, neighbors, shifts) of configuration ``c`` with its
+    own neighbour list: the single-model path's input, the oracle of the padded batch."""
+    from neuralil_fast.geometry import species_indices
+    from neuralil_fast.neighbors import allocate
+
+    nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
+    return (jnp.asarray(c.positions), jnp.asarray(c.cell),
+            jnp.asarray(species_indices(c.numbers, model.species)), nl.centers, nl.neighbors,
+            nl.shifts)
+
+
 def lj_configs(n, seed=0, sizes=(6, 7, 8), box=4.6):
     """Random periodic boxes labelled with ASE's smooth Lennard-Jones potential (eV, Å)."""
     from ase import Atoms
@@ -132,7 +144,6 @@ def test_split_indices():
 
 
 def test_padding_does_not_change_results(configs, x64):
-    from neuralil_fast.neighbors import allocate
     from neuralil_fast.potential import evaluate_jit
 
     model = tiny_model()
@@ -147,12 +158,7 @@ def test_padding_does_not_change_results(configs, x64):
                                  jnp.asarray(row.species), jnp.asarray(row.centers),
                                  jnp.asarray(row.neighbors), jnp.asarray(row.shifts),
                                  atom_mask=jnp.asarray(row.atom_mask))
-        nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
-        from neuralil_fast.geometry import species_indices
-
-        ref = evaluate_jit(model, params, jnp.asarray(c.positions), jnp.asarray(c.cell),
-                       jnp.asarray(species_indices(c.numbers, model.species)), nl.centers,
-                       nl.neighbors, nl.shifts, stress=False)
+        ref = evaluate_jit(model, params, *unpadded_args(model, c), stress=False)
         n = c.n_atoms
         np.testing.assert_allclose(float(out["energy"][0]), float(ref["energy"]), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(out["forces"][0, :n]), np.asarray(ref["forces"]),
@@ -162,19 +168,13 @@ def test_padding_does_not_change_results(configs, x64):
 
 
 def test_committee_mean_and_spread_match_members(configs, x64):
-    from neuralil_fast.neighbors import allocate
     from neuralil_fast.potential import evaluate_jit
-    from neuralil_fast.geometry import species_indices
 
     model = tiny_model()
     members = [model.init(jax.random.key(k), jnp.float64) for k in range(3)]
     P = stack(members)
     assert committee_size(P) == 3
-    c = configs[3]
-    nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
-    args = (jnp.asarray(c.positions), jnp.asarray(c.cell),
-            jnp.asarray(species_indices(c.numbers, model.species)), nl.centers, nl.neighbors,
-            nl.shifts)
+    args = unpadded_args(model, configs[3])
     out = committee_evaluate_jit(model, P, *args, stress=True)
     refs = [evaluate_jit(model, p, *args) for p in members]
     for k, ref in enumerate(refs):
@@ -257,8 +257,6 @@ def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch,
     """Whole-set and chunked (last chunk padded) predictions of a committee (members
     outermost, the batch as one system) equal each member on each unpadded configuration
     through the single-model path (``potential.evaluate``, its own neighbour list)."""
-    from neuralil_fast.geometry import species_indices
-    from neuralil_fast.neighbors import allocate
     from neuralil_fast.potential import evaluate_jit
     from neuralil_fast.training import loop
 
@@ -273,10 +271,7 @@ def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch,
     E, F = trainer.predict(params, data)
     assert E.shape == (7, 2) and F.shape == (7, 2) + data.positions.shape[1:]
     for k, c in enumerate(configs[:7]):
-        nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend="reference")
-        args = (jnp.asarray(c.positions), jnp.asarray(c.cell),
-                jnp.asarray(species_indices(c.numbers, model.species)), nl.centers,
-                nl.neighbors, nl.shifts)
+        args = unpadded_args(model, c)
         for m in range(2):
             ref = evaluate_jit(model, member(params, m), *args, stress=False)
             np.testing.assert_allclose(E[k, m], float(ref["energy"]), rtol=1e-12)
