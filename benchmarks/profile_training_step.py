@@ -112,7 +112,7 @@ def _op_events(trace_dir: str, kinds: dict[str, str]):
 def profile(committee: int, steps: int) -> dict:
     import jax
 
-    ref_trainer, ref_step, _ = _trainer("reference", committee)
+    _, ref_step, _ = _trainer("reference", committee)
     trainer, step, inputs = _trainer("numba", committee)
     walls = {"numba": [], "reference": []}
     for fn in (step, ref_step):  # warm-up
