@@ -43,3 +43,35 @@ def module_summary(results: dict, lines):
             print_uncaptured(request, [""] + lines())
 
     return _summary
+
+
+def training_step(configurations, backend: str, committee: int):
+    """The training benchmark's step: ``(trainer, step, inputs)``.
+
+    One jitted AdamW step of the article's model (float32) on ``configurations`` as one
+    batch (all indices, unit weights, LR 1e-3), taken once from the initial state (waited for); ``step()``
+    repeats the step after it (unblocked); ``inputs`` are its arguments, for lowering.
+    Raises NotImplementedError where ``backend`` is not wired.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from neuralil_fast.model import NeuralIL
+    from neuralil_fast.training.data import pad_configurations
+    from neuralil_fast.training.loop import TrainConfig, Trainer
+
+    model = NeuralIL(species=("C", "H", "N", "O"))
+    n = len(configurations)
+    data = pad_configurations(configurations, model.species, model.r_cut, backend)
+    trainer = Trainer(model, data, None, TrainConfig(batch_size=n, backend=backend,
+                                                     committee=committee, fit_offset=False))
+    state = trainer.init_state()
+    args = (jnp.arange(n, dtype=jnp.int32), jnp.ones(n, jnp.float32),
+            jnp.asarray(1e-3, jnp.float32))
+    params, opt = trainer._step(state.params, state.opt_state, trainer.train, *args)[:2]
+    params = jax.block_until_ready(params)
+
+    def step():
+        return trainer._step(params, opt, trainer.train, *args)
+
+    return trainer, step, (params, opt, trainer.train) + args

@@ -41,27 +41,11 @@ KINDS = ("descriptor kernels", "dots", "gathers / scatters", "loops", "element-w
 
 
 def _trainer(backend: str, committee: int):
-    import jax.numpy as jnp
+    from conftest import training_step
 
     from neuralil_fast.io import ean_species_sequence, read_dataset
-    from neuralil_fast.model import NeuralIL
-    from neuralil_fast.training.data import pad_configurations
-    from neuralil_fast.training.loop import TrainConfig, Trainer
 
-    confs = read_dataset(EAN, ean_species_sequence(15))[:8]
-    model = NeuralIL(species=("C", "H", "N", "O"))
-    data = pad_configurations(confs, model.species, model.r_cut, backend)
-    trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend=backend,
-                                                     committee=committee, fit_offset=False))
-    state = trainer.init_state()
-    args = (jnp.arange(8, dtype=jnp.int32), jnp.ones(8, jnp.float32),
-            jnp.asarray(1e-3, jnp.float32))
-    params, opt = trainer._step(state.params, state.opt_state, trainer.train, *args)[:2]
-
-    def step():
-        return trainer._step(params, opt, trainer.train, *args)
-
-    return trainer, step, (params, opt, trainer.train) + args
+    return training_step(read_dataset(EAN, ean_species_sequence(15))[:8], backend, committee)
 
 
 def _hlo_kinds(trainer, inputs) -> dict[str, str]:
@@ -168,7 +152,7 @@ def main(argv=None) -> int:
         return 2
     res = profile(args.committee, args.steps)
     print(f"training step, batch of 8 EAN configurations, committee {args.committee}, "
-          f"{args.steps} steps")
+          f"{BLOCKS} blocks of {args.steps} steps")
     for name in ("numba", "reference"):
         print(f"  {name:9s} {res[name + '_ms']['median']:7.2f} ms median "
               f"({res[name + '_ms']['min']:.2f} min)")

@@ -17,9 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import training_step
 
 EAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
 _RESULTS: dict[tuple, float] = {}
@@ -37,29 +36,13 @@ def ean_batch():
 @pytest.mark.parametrize("committee", [1, 4, 8])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_training_step(benchmark, ean_batch, backend, committee):
-    from neuralil_fast.model import NeuralIL
-    from neuralil_fast.training.data import pad_configurations
-    from neuralil_fast.training.loop import TrainConfig, Trainer
-
-    model = NeuralIL(species=("C", "H", "N", "O"))
     try:
-        data = pad_configurations(ean_batch, model.species, model.r_cut, backend)
-        trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend=backend,
-                                                         committee=committee,
-                                                         fit_offset=False))
-        state = trainer.init_state()
-        idx = jnp.arange(8, dtype=jnp.int32)
-        w = jnp.ones(8, jnp.float32)
-        lr = jnp.asarray(1e-3, jnp.float32)
-        params, opt = trainer._step(state.params, state.opt_state, trainer.train, idx, w,
-                                    lr)[:2]
+        _, step_after, _ = training_step(ean_batch, backend, committee)
     except NotImplementedError as err:
         pytest.skip(f"backend {backend!r} is not wired yet: {err}")
-    jax.block_until_ready(params)
 
     def step():
-        out = trainer._step(params, opt, trainer.train, idx, w, lr)
-        jax.block_until_ready(out)
+        jax.block_until_ready(step_after())
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:
