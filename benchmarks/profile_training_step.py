@@ -18,8 +18,15 @@ Printed: that table (ms per step), the measured ratio t_reference / t_numba (med
 and min wall times) and its bound with the descriptor kernels at zero cost,
 t_reference / (t_numba - t_kernels): no kernel work can take the step past it.  Also
 printed: the op time of other XLA ops that overlaps the kernels (zero for one model,
-where subtracting the kernels' time from the wall time is then exact).  Needs ../shared
-(the EAN data).
+where subtracting the kernels' time from the wall time is then exact).
+
+Then S reference steps run under the profiler too, and both paths' busy time (the wall
+time during which any op of a role runs, on either core) is split by role, from the name
+scope of each op's (each fusion's root's) source: the descriptors
+and their derivatives (``descriptors.descriptors``: the kernels, or the reference path's
+XLA ops), the networks (``AtomicNetwork``), the pair terms (``model.pair_atomic_energies``),
+and the rest (loss, AdamW, batch bookkeeping).  The descriptors' ratio is the speed-up of
+the part of the step the kernels replace.  Needs ../shared (the EAN data).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import numpy as np
 EAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
 BLOCKS = 3
 KINDS = ("descriptor kernels", "dots", "gathers / scatters", "loops", "element-wise")
+ROLES = ("descriptors", "networks", "pair terms", "loss, AdamW, rest")
 
 
 def _trainer(backend: str, committee: int):
@@ -48,14 +56,27 @@ def _trainer(backend: str, committee: int):
     return training_step(read_dataset(EAN, ean_species_sequence(15))[:8], backend, committee)
 
 
-def _hlo_kinds(trainer, inputs) -> dict[str, str]:
-    """Instruction name -> kind, from the compiled step's HLO text."""
+def _role(line: str) -> str:
+    """The role of an HLO instruction, from the name scopes in its op_name metadata."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    op_name = m.group(1) if m else ""
+    if "descriptors" in op_name:
+        return "descriptors"
+    if "AtomicNetwork" in op_name:
+        return "networks"
+    if "pair_terms" in op_name:
+        return "pair terms"
+    return "loss, AdamW, rest"
+
+
+def _hlo_ops(trainer, inputs) -> tuple[dict[str, str], dict[str, str]]:
+    """Instruction name -> kind, and -> role, from the compiled step's HLO text."""
     from neuralil_fast.training import loop
 
     text = loop._jitted_train_step().lower(
         *inputs, model=trainer.model, backend=trainer.backend, loss=trainer.cfg.loss,
         opt=trainer._opt_key).compile().as_text()
-    kinds = {}
+    kinds, roles = {}, {}
     for line in text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\S+?)\(", line)
         if not m:
@@ -63,6 +84,7 @@ def _hlo_kinds(trainer, inputs) -> dict[str, str]:
         if not m:
             continue
         name, op = m.group(1), m.group(2)
+        roles.setdefault(name, _role(line))
         if op == "custom-call" and "ffi" in name:
             kind = "descriptor kernels"
         elif op == "dot" or name.startswith(("ynn_fusion", "dot")):
@@ -74,7 +96,7 @@ def _hlo_kinds(trainer, inputs) -> dict[str, str]:
         else:
             kind = "element-wise"
         kinds.setdefault(name, kind)
-    return kinds
+    return kinds, roles
 
 
 def _op_events(trace_dir: str, kinds: dict[str, str]):
@@ -93,10 +115,47 @@ def _op_events(trace_dir: str, kinds: dict[str, str]):
     return outer
 
 
+def _traced_events(step, steps: int, names) -> list:
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(step())
+        return _op_events(tmp, names)
+
+
+def _ms_by(events, label: dict[str, str], steps: int) -> collections.Counter:
+    """Op time per step (ms) by label: the summed durations (two threads count twice)."""
+    out = collections.Counter()
+    for e in events:
+        out[label[e["name"]]] += e["dur"] / steps / 1e3  # µs -> ms per step
+    return out
+
+
+def _busy_ms_by(events, label: dict[str, str], steps: int) -> collections.Counter:
+    """Busy time per step (ms) by label: the length of the union of its ops' intervals
+    over all threads, i.e. the wall time during which any op of that label runs (an op
+    split over both cores, or a numba kernel's two threads, counts once)."""
+    spans = collections.defaultdict(list)
+    for e in events:
+        spans[label[e["name"]]].append((e["ts"], e["ts"] + e["dur"]))
+    out = collections.Counter()
+    for key, iv in spans.items():
+        iv.sort()
+        total, start, stop = 0.0, *iv[0]
+        for a, b in iv[1:]:
+            if a > stop:
+                total, start = total + stop - start, a
+            stop = max(stop, b)
+        out[key] = (total + stop - start) / steps / 1e3
+    return out
+
+
 def profile(committee: int, steps: int) -> dict:
     import jax
 
-    _, ref_step, _ = _trainer("reference", committee)
+    ref_trainer, ref_step, ref_inputs = _trainer("reference", committee)
     trainer, step, inputs = _trainer("numba", committee)
     walls = {"numba": [], "reference": []}
     for fn in (step, ref_step):  # warm-up
@@ -110,15 +169,13 @@ def profile(committee: int, steps: int) -> dict:
                 jax.block_until_ready(fn())
                 walls[name].append(time.perf_counter() - t0)
 
-    kinds = _hlo_kinds(trainer, inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                jax.block_until_ready(step())
-        events = _op_events(tmp, kinds)
-    by_kind = collections.Counter()
-    for e in events:
-        by_kind[kinds[e["name"]]] += e["dur"] / steps / 1e3  # µs -> ms per step
+    kinds, roles = _hlo_ops(trainer, inputs)
+    events = _traced_events(step, steps, kinds)
+    by_kind = _ms_by(events, kinds, steps)
+    ref_roles = _hlo_ops(ref_trainer, ref_inputs)[1]
+    by_role = {"numba": _busy_ms_by(events, roles, steps),
+               "reference": _busy_ms_by(_traced_events(ref_step, steps, ref_roles),
+                                        ref_roles, steps)}
     kernels = [e for e in events if kinds[e["name"]] == "descriptor kernels"]
     overlap = 0.0
     for k in kernels:
@@ -134,6 +191,10 @@ def profile(committee: int, steps: int) -> dict:
         "numba_ms": ms["numba"], "reference_ms": ms["reference"],
         "op_ms_per_step": {k: by_kind[k] for k in KINDS},
         "kernel_overlap_ms_per_step": overlap / steps / 1e3,
+        "busy_ms_per_step_by_role": {path: {r: by_role[path][r] for r in ROLES}
+                                   for path in by_role},
+        "descriptor_ratio": by_role["reference"]["descriptors"]
+        / by_role["numba"]["descriptors"],
         "ratio": {s: ms["reference"][s] / ms["numba"][s] for s in ("min", "median")},
         "ratio_bound_free_kernels": {s: ms["reference"][s] / (ms["numba"][s] - t_kern)
                                      for s in ("min", "median")},
@@ -160,6 +221,12 @@ def main(argv=None) -> int:
     for k, v in res["op_ms_per_step"].items():
         print(f"    {k:20s} {v:7.2f} ms")
     print(f"    (other ops during the kernels: {res['kernel_overlap_ms_per_step']:.3f} ms)")
+    print("  busy (wall) time per step by role:   numba  reference")
+    for r in ROLES:
+        print(f"    {r:24s} {res['busy_ms_per_step_by_role']['numba'][r]:7.2f} ms "
+              f"{res['busy_ms_per_step_by_role']['reference'][r]:8.2f} ms")
+    print(f"  the descriptors (what the kernels replace): {res['descriptor_ratio']:.1f}x "
+          "less busy time on the numba path")
     for stat in ("median", "min"):
         print(f"  ratio reference / numba by the {stat}: {res['ratio'][stat]:.1f}x; with the "
               f"descriptor kernels free: at most {res['ratio_bound_free_kernels'][stat]:.1f}x")

@@ -150,11 +150,15 @@ def descriptors(spec: DescriptorSpec, displacements, centers, neighbor_species, 
     Differentiable in ``displacements`` on every backend (kernels via custom_vjp).
     """
     backend = resolve_backend(backend)
-    if backend == "reference":
-        return descriptors_reference(spec, displacements, centers, neighbor_species, n_atoms)
-    from .kernels_api import kernel_descriptors
+    # the scope names these ops (and their derivatives) in profiles of either backend
+    with jax.named_scope("descriptors"):
+        if backend == "reference":
+            return descriptors_reference(spec, displacements, centers, neighbor_species,
+                                         n_atoms)
+        from .kernels_api import kernel_descriptors
 
-    return kernel_descriptors(spec, displacements, centers, neighbor_species, n_atoms, backend)
+        return kernel_descriptors(spec, displacements, centers, neighbor_species, n_atoms,
+                                  backend)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,6 +205,12 @@ def core_repulsion_energies(onset, z, r, valid, species_i, species_j, centers, n
 def pair_atomic_energies(model: "NeuralIL", morse, r, valid, species_i, species_j, centers,
                          n_atoms):
     """(N,) eV: the pair terms of ``model`` (Morse with ``morse`` = (abd, switch), core wall)."""
+    with jax.named_scope("pair_terms"):  # names these ops in profiles
+        return _pair_atomic_energies(model, morse, r, valid, species_i, species_j, centers,
+                                     n_atoms)
+
+
+def _pair_atomic_energies(model, morse, r, valid, species_i, species_j, centers, n_atoms):
     e = 0.0
     if morse is not None:
         abd, switch = morse
