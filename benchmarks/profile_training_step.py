@@ -22,11 +22,11 @@ where subtracting the kernels' time from the wall time is then exact).
 
 Then S reference steps run under the profiler too, and both paths' busy time (the wall
 time during which any op of a role runs, on either core) is split by role, from the name
-scope of each op's (each fusion's root's) source: the descriptors
-and their derivatives (``descriptors.descriptors``: the kernels, or the reference path's
-XLA ops), the networks (``AtomicNetwork``), the pair terms (``model.pair_atomic_energies``),
-and the rest (loss, AdamW, batch bookkeeping).  The descriptors' ratio is the speed-up of
-the part of the step the kernels replace.  Needs ../shared (the EAN data).
+scope of each op's (each fusion's root's) source: the descriptors and their derivatives
+(``descriptors.descriptors``: the kernels, or the reference path's XLA ops), the networks
+(``AtomicNetwork``), the pair terms (``model.pair_atomic_energies``), and the rest (loss,
+AdamW, batch bookkeeping).  The descriptors' ratio is the speed-up of the part of the
+step the kernels replace.  Needs ../shared (the EAN data).
 """
 from __future__ import annotations
 
