@@ -17,11 +17,11 @@ import os
 import time
 
 import numpy as np
+from conftest import EAN as EAN_FILE
 
 from neuralil_fast.kernels.cpu import descriptors as K
 from neuralil_fast.neighbors import neighbor_pairs_reference
 
-EAN_FILE = "/work/shared/data/ean/ean_dft_60.jsonl"
 PEAK_F32 = 2 * 2.6e9 * 32
 
 

@@ -41,19 +41,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conftest import EAN, ean_training_batch, training_step
 
-EAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
 BLOCKS = 3
 KINDS = ("descriptor kernels", "dots", "gathers / scatters", "loops", "element-wise")
 ROLES = ("descriptors", "networks", "pair terms", "loss, AdamW, rest")
 
 
 def _trainer(backend: str, committee: int):
-    from conftest import training_step
-
-    from neuralil_fast.io import ean_species_sequence, read_dataset
-
-    return training_step(read_dataset(EAN, ean_species_sequence(15))[:8], backend, committee)
+    return training_step(ean_training_batch(), backend, committee)
 
 
 def _role(line: str) -> str:

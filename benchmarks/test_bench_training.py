@@ -14,13 +14,10 @@ while its kernels raise NotImplementedError.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import pytest
-from conftest import training_step
+from conftest import EAN, ean_training_batch, training_step
 
-EAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
 _RESULTS: dict[tuple, float] = {}
 
 
@@ -28,9 +25,7 @@ _RESULTS: dict[tuple, float] = {}
 def ean_batch():
     if not EAN.is_file():
         pytest.skip(f"EAN data {EAN} is absent (../shared beside the checkout)")
-    from neuralil_fast.io import ean_species_sequence, read_dataset
-
-    return read_dataset(EAN, ean_species_sequence(15))[:8]
+    return ean_training_batch()
 
 
 @pytest.mark.parametrize("committee", [1, 4, 8])
