@@ -206,24 +206,19 @@ def pair_atomic_energies(model: "NeuralIL", morse, r, valid, species_i, species_
                          n_atoms):
     """(N,) eV: the pair terms of ``model`` (Morse with ``morse`` = (abd, switch), core wall)."""
     with jax.named_scope("pair_terms"):  # names these ops in profiles
-        return _pair_atomic_energies(model, morse, r, valid, species_i, species_j, centers,
-                                     n_atoms)
+        e = 0.0
+        if morse is not None:
+            abd, switch = morse
+            e = morse_atomic_energies(abd, switch, r, valid, species_i, species_j, centers,
+                                      n_atoms, model.r_cut)
+        if model.core_repulsion is not None:
+            from ase.data import atomic_numbers
 
-
-def _pair_atomic_energies(model, morse, r, valid, species_i, species_j, centers, n_atoms):
-    e = 0.0
-    if morse is not None:
-        abd, switch = morse
-        e = morse_atomic_energies(abd, switch, r, valid, species_i, species_j, centers,
-                                  n_atoms, model.r_cut)
-    if model.core_repulsion is not None:
-        from ase.data import atomic_numbers
-
-        onset = jnp.asarray(model.core_repulsion, r.dtype)
-        z = jnp.asarray([atomic_numbers[s] for s in model.species], r.dtype)
-        e = e + core_repulsion_energies(onset, z, r, valid, species_i, species_j, centers,
-                                        n_atoms)
-    return e
+            onset = jnp.asarray(model.core_repulsion, r.dtype)
+            z = jnp.asarray([atomic_numbers[s] for s in model.species], r.dtype)
+            e = e + core_repulsion_energies(onset, z, r, valid, species_i, species_j,
+                                            centers, n_atoms)
+        return e
 
 
 @dataclasses.dataclass(frozen=True)
