@@ -48,10 +48,6 @@ KINDS = ("descriptor kernels", "dots", "gathers / scatters", "loops", "element-w
 ROLES = ("descriptors", "networks", "pair terms", "loss, AdamW, rest")
 
 
-def _trainer(backend: str, committee: int):
-    return training_step(ean_training_batch(), backend, committee)
-
-
 def _role(line: str) -> str:
     """The role of an HLO instruction, from the name scopes in its op_name metadata."""
     m = re.search(r'op_name="([^"]*)"', line)
@@ -151,8 +147,9 @@ def _busy_ms_by(events, label: dict[str, str], steps: int) -> collections.Counte
 def profile(committee: int, steps: int) -> dict:
     import jax
 
-    ref_trainer, ref_step, ref_inputs = _trainer("reference", committee)
-    trainer, step, inputs = _trainer("numba", committee)
+    batch = ean_training_batch()
+    ref_trainer, ref_step, ref_inputs = training_step(batch, "reference", committee)
+    trainer, step, inputs = training_step(batch, "numba", committee)
     walls = {"numba": [], "reference": []}
     for fn in (step, ref_step):  # warm-up
         jax.block_until_ready(fn())
