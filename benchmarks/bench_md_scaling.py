@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
+from conftest import SHARED
 
 
 def worker(args) -> int:

@@ -39,8 +39,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from conftest import EAN
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
 SPECIES = ("C", "H", "N", "O")
 THRESHOLD = 0.5
 
@@ -150,7 +150,7 @@ def analyse(configs, ids, forces_K, outliers) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(SHARED / "ean_dft_60.jsonl"),
+    p.add_argument("--data", default=str(EAN),
                    help="NeuralIL JSON Lines data (default: the shared EAN DFT set)")
     p.add_argument("--model", help="an already trained committee (nf.save / save_committee "
                    "file, trained on the same split): skip training")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# the EAN DFT data in ../shared beside the checkout (absent from a user's clone)
-EAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean" / "ean_dft_60.jsonl"
+# the EAN data in ../shared beside the checkout (absent from a user's clone)
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
+EAN = SHARED / "ean_dft_60.jsonl"  # the DFT configurations
 
 
 def timed_pedantic(benchmark, fn, rounds, warmup_rounds, times=None):

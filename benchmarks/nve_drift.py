@@ -13,11 +13,9 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
+from conftest import SHARED
 
 
 def main(argv=None) -> int:

@@ -67,9 +67,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import module_summary, timed_pedantic
+from conftest import SHARED, module_summary, timed_pedantic
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
 STRUCTURE = SHARED / "EAN_md_initial.gro"
 PARAMS = SHARED / "neuralil_morse_params.pickle"
 

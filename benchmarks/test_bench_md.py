@@ -12,11 +12,8 @@ sizes (to 10^6 atoms, with peak memory) are in bench_md_scaling.py.  The
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
+from conftest import SHARED
 
 
 @pytest.fixture(scope="module")

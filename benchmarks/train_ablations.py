@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ean"
+from conftest import EAN
+
 SPECIES = ("C", "H", "N", "O")
 VARIANTS = {
     "full": [],
@@ -188,7 +189,7 @@ def print_table(args, rows) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(SHARED / "ean_dft_60.jsonl"),
+    p.add_argument("--data", default=str(EAN),
                    help="NeuralIL JSON Lines data (default: the shared EAN DFT set)")
     p.add_argument("--out", default="ablations", help="output folder (ablations)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
