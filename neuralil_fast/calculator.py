@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase.calculators.calculator import Calculator as _AseCalculator
-from ase.calculators.calculator import all_changes
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from .backends import resolve_backend
 from .geometry import as_system, species_indices
@@ -112,6 +112,10 @@ class Calculator(_AseCalculator):
         system = as_system(self.atoms)
         species = species_indices(system.numbers, self.model.species)
         periodic = bool(system.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError(
+                f"stress needs a cell periodic in all three directions (pbc = "
+                f"{system.pbc.tolist()}): the volume of a cluster or slab is not defined")
         with jax.enable_x64(self.dtype == "float64"):
             nl = self._neighbors(system)
             dt = jnp.float64 if self.dtype == "float64" else jnp.float32

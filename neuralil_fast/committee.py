@@ -80,6 +80,13 @@ def committee_evaluate_batch(model: NeuralIL, params_K, positions, cell, species
     """
     B, n_atoms = species.shape
     dtype = positions.dtype
+    if n_atoms == 0:  # no atoms: nothing to gather from, every sum is empty
+        K = committee_size(params_K)
+        out = {"energy": jnp.zeros((K, B), dtype), "energies": jnp.zeros((K, B, 0), dtype),
+               "forces": jnp.zeros((K, B, 0, 3), dtype)}
+        if stress:
+            out["stress"] = jnp.zeros((K, B, 6), dtype)
+        return out
     valid_row = centers < n_atoms
     species_j = jnp.where(valid_row, jnp.take_along_axis(
         species, jnp.where(valid_row, neighbors, 0), axis=1), 0)

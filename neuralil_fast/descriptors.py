@@ -93,7 +93,7 @@ def density_coefficients(spec: DescriptorSpec, displacements, centers, neighbor_
     contrib = g[:, nl_of] * Y[:, lm_of]
     segment = jnp.where(valid, centers * spec.n_species + neighbor_species, n_atoms * spec.n_species)
     A = jax.ops.segment_sum(contrib, segment, num_segments=n_atoms * spec.n_species)
-    return A.reshape(n_atoms, spec.n_species, -1)
+    return A.reshape(n_atoms, spec.n_species, contrib.shape[-1])
 
 
 def power_spectrum(spec: DescriptorSpec, A):
@@ -104,7 +104,7 @@ def power_spectrum(spec: DescriptorSpec, A):
     summ = np.zeros((len(nl_of), spec.n_nl))
     summ[np.arange(len(nl_of)), nl_of] = 1.0
     p = prod @ jnp.asarray(summ, A.dtype)
-    return p.reshape(A.shape[0], -1)
+    return p.reshape(A.shape[0], spec.n_features)
 
 
 def descriptors_reference(spec: DescriptorSpec, displacements, centers, neighbor_species,
@@ -140,7 +140,7 @@ def descriptors_legendre(spec: DescriptorSpec, displacements, centers, neighbor_
     ang = jnp.stack([(2 * l + 1) / (4 * math.pi) * Pl[l] for l in ls], axis=-1)  # (N, M, M, n_nl)
     full = jnp.einsum("ija,ikb,ijn,ikn,ijkn->iabn", W, W, G, G, ang)
     a_idx, b_idx = np.array(spec.species_pairs()).T
-    return full[:, a_idx, b_idx, :].reshape(n_atoms, -1)
+    return full[:, a_idx, b_idx, :].reshape(n_atoms, spec.n_features)
 
 
 def descriptors(spec: DescriptorSpec, displacements, centers, neighbor_species, n_atoms: int,

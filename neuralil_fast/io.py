@@ -939,7 +939,8 @@ def read_dataset(
     all directions.
 
     Every problem (malformed line, missing key, wrong shape, inconsistent atom
-    counts, NaN/inf values, unknown elements) raises ``ValueError`` naming the
+    counts, NaN/inf values, unknown elements, a labelled configuration without
+    atoms) raises ``ValueError`` naming the
     configuration index (0-based) and, for JSON Lines, the line number
     (1-based).
     """
@@ -967,6 +968,10 @@ def read_dataset(
         configs = _read_ase(path, None if fmt_l == "ase" else fmt, require_labels)
     if not configs:
         raise ValueError(f"{path} holds no configurations")
+    if require_labels:
+        for k, conf in enumerate(configs):
+            if conf.n_atoms == 0:  # as a label, its energy per atom would be 0 / 0
+                raise ValueError(f"{path}, configuration {k} has no atoms")
     if species is not None:
         allowed = {_symbol_of(s) for s in species}
         for k, conf in enumerate(configs):

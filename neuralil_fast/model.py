@@ -259,6 +259,9 @@ class NeuralIL:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"widths must be positive layer sizes, got {self.widths}")
+        if isinstance(self.embed_dim, bool) or int(self.embed_dim) != self.embed_dim \
+                or self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be an integer >= 1, got {self.embed_dim!r}")
         self.spec  # validates r_cut and n_max
         if self.core_repulsion is not None:
             onset = np.asarray(self.core_repulsion, dtype=np.float64)

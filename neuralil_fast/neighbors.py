@@ -40,6 +40,8 @@ def neighbor_pairs_reference(positions, cell, pbc, r_cut):
     positions = check_positions(positions).astype(np.float64)
     cell, pbc = check_cell(cell, pbc)
     r_cut = validate_cutoff(r_cut)
+    if len(positions) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64)
     full = _complete_cell(cell, pbc)
     frac = np.linalg.solve(full.T, positions.T).T
     # Integer offsets that wrap each atom into the cell along periodic directions.

@@ -70,6 +70,12 @@ def evaluate(model: NeuralIL, params, positions, cell, species, centers, neighbo
     ``max_block_pairs`` (): when it exceeds ``block_pairs`` the result is incomplete and
     the caller must re-evaluate with a larger window (see :func:`block_pairs_needed`).
     """
+    if positions.shape[0] == 0:  # no atoms: nothing to gather from, every sum is empty
+        out = {"energy": jnp.zeros((), positions.dtype), "energies": jnp.zeros(0, positions.dtype),
+               "forces": jnp.zeros((0, 3), positions.dtype)}
+        if stress:
+            out["stress"] = jnp.zeros(6, positions.dtype)
+        return out
     if block_atoms is not None and block_atoms < positions.shape[0]:
         return _evaluate_blocked(model, params, positions, cell, species, centers, neighbors,
                                  shifts, backend, stress, int(block_atoms), block_pairs)

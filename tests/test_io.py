@@ -824,6 +824,20 @@ def test_ase_missing_labels_and_nonfinite(tmp_path):
         nio.read_dataset(p2)
 
 
+def test_labelled_configuration_without_atoms(tmp_path):
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    empty = Atoms(cell=[3, 3, 3], pbc=True)
+    empty.calc = SinglePointCalculator(empty, energy=0.0, forces=np.zeros((0, 3)))
+    p = tmp_path / "empty_frame.extxyz"
+    write(p, [nio.to_atoms(c) for c in _configs()[:2]] + [empty])
+    with pytest.raises(ValueError, match="configuration 2 has no atoms"):
+        nio.read_dataset(p)
+    assert nio.read_dataset(p, require_labels=False)[2].n_atoms == 0
+
+
 def test_ase_wrong_format(tmp_path):
     p = tmp_path / "d.xyz"
     p.write_text(json.dumps(_record()) + "\n")

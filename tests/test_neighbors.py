@@ -160,10 +160,12 @@ def test_no_pbc_no_cell():
     assert np.all(got[2] == 0)
 
 
-def test_empty_result_and_single_atom():
-    atoms = make_atoms(np.zeros((1, 3)), np.diag([5.0, 5.0, 5.0]), True)
-    i, j, S = neighbor_pairs(atoms, 1.0, backend="reference")
-    assert len(i) == 0 and S.shape == (0, 3)
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("n_atoms", [0, 1])
+def test_empty_result_single_atom_and_no_atoms(backend, n_atoms):
+    atoms = make_atoms(np.zeros((n_atoms, 3)), np.diag([5.0, 5.0, 5.0]), True)
+    i, j, S = neighbor_pairs(atoms, 1.0, backend=backend)
+    assert len(i) == 0 and len(j) == 0 and S.shape == (0, 3)
 
 
 @pytest.mark.parametrize(

@@ -77,12 +77,60 @@ def test_save_load_bit_for_bit(tmp_path):
         nf.load(tmp_path / "foreign.nil")
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(species=("H", "H")), "distinct"),
+    (dict(species=("H", "Xx")), "unknown element"),
+    (dict(widths=()), "widths"),
+    (dict(widths=(8, 0)), "widths"),
+    (dict(activation="relu"), "activation"),
+    (dict(embed_dim=0), "embed_dim"),
+    (dict(embed_dim=1.5), "embed_dim"),
+    (dict(r_cut=0.0), "r_cut"),
+    (dict(n_max=-1), "n_max"),
+])
+def test_model_rejects_bad_settings(kwargs, match):
+    settings = dict(species=SPECIES, r_cut=3.0, n_max=3, widths=(16, 8)) | kwargs
+    with pytest.raises(ValueError, match=match):
+        nf.NeuralIL(**settings)
+
+
 def test_calculator_rejects_unknown_species():
     model, params = _model_and_params()
     atoms = Atoms("Fe2", positions=[[0, 0, 0], [1.5, 0, 0]], cell=[5, 5, 5], pbc=True)
     atoms.calc = nf.Calculator(model, params, backend="reference")
     with pytest.raises(ValueError, match="Fe"):
         atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("pbc", [True, False])
+def test_empty_structure_has_zero_energy(backend, pbc):
+    """No atoms: energy 0, empty per-atom arrays, zero stress; one model and a committee."""
+    from neuralil_fast.committee import stack
+
+    model, params = _model_and_params()
+    sb = nf.SphericalBessel(species=SPECIES, r_cut=3.0, n_max=3)
+    assert sb.compute(Atoms(cell=[5, 5, 5], pbc=pbc), backend=backend).shape == (0, sb.n_features)
+    for p in (params, stack([params, params])):
+        atoms = Atoms(cell=[5, 5, 5], pbc=pbc)
+        atoms.calc = nf.Calculator(model, p, backend=backend)
+        assert atoms.get_potential_energy() == 0.0
+        assert atoms.get_forces().shape == (0, 3)
+        assert atoms.get_potential_energies().shape == (0,)
+        if pbc:
+            np.testing.assert_array_equal(atoms.get_stress(), np.zeros(6))
+
+
+def test_stress_of_a_non_periodic_structure_says_why():
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    model, params = _model_and_params()
+    atoms = _small_atoms()
+    atoms.pbc = [True, True, False]
+    atoms.calc = nf.Calculator(model, params, backend="reference")
+    assert np.isfinite(atoms.get_potential_energy())
+    with pytest.raises(PropertyNotImplementedError, match="periodic in all three"):
+        atoms.get_stress()
 
 
 @pytest.mark.shared

@@ -12,14 +12,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ase.io
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from neuralil_fast.committee import (committee_evaluate_jit, committee_size, load_any, member,
                                      save_committee, stack, summarize)
-from neuralil_fast.io import Configuration
+from neuralil_fast.io import Configuration, from_atoms, to_atoms
 from neuralil_fast.model import NeuralIL, load
 from neuralil_fast.training.data import pad_configurations, split_indices, take
 from neuralil_fast.training.losses import LossConfig, log_cosh, loss_terms, total_loss
@@ -49,7 +52,6 @@ def unpadded_args(model, c):
 
 def lj_configs(n, seed=0, sizes=(6, 7, 8), box=4.6):
     """Random periodic boxes labelled with ASE's smooth Lennard-Jones potential (eV, Å)."""
-    from ase import Atoms
     from ase.calculators.lj import LennardJones
 
     rng = np.random.default_rng(seed)
@@ -368,7 +370,6 @@ def test_kill_during_checkpoint_then_resume_is_bitwise(tmp_path, xyz):
 
 def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
     pytest.importorskip("matplotlib")
-    from ase import Atoms
 
     from neuralil_fast.calculator import Calculator
 
@@ -433,7 +434,6 @@ def test_core_repulsion_option_takes_the_training_closest_approach(tmp_path, xyz
     want = np.full((2, 2), R_CUT)
     for k in train_ids:    # brute force over the minimum images (all pairs < half the box)
         c = configs[k]
-        from ase import Atoms
 
         dist = Atoms(c.symbols, positions=c.positions, cell=c.cell, pbc=True).get_all_distances(
             mic=True)
@@ -488,6 +488,18 @@ def test_bad_input_fails_before_training(tmp_path, configs, capsys):
     check([tmp_path / "missing.jsonl", "--species-sequence", *seq, *common], "does not exist")
     check([good, *common], "species_sequence")
     check([good, "--species-sequence", *seq, *common, "--resume"], "no training state")
+    check([good, "--species-sequence", *seq, *common, "--checkpoint-seconds", "-1"],
+          "--checkpoint-seconds")
+    for flag in ("--state", "--log", "--parity"):
+        check([good, "--species-sequence", *seq, *common, flag, tmp_path / "no" / "file"],
+              f"{flag}: folder")
+    empty = tmp_path / "empty_frame.extxyz"  # an empty frame: its energy per atom is 0 / 0
+    frames = [to_atoms(c) for c in same] + [Atoms(cell=same[0].cell, pbc=True)]
+    frames[-1].calc = SinglePointCalculator(frames[-1], energy=0.0, forces=np.zeros((0, 3)))
+    ase.io.write(empty, frames)
+    check([empty, *common], "has no atoms")
+    with pytest.raises(ValueError, match="configuration 1 has no atoms"):  # the API path
+        pad_configurations([same[0], from_atoms(frames[-1])], ("H", "O"), 3.0, "reference")
 
 
 def test_numba_training_gradient_matches_reference(configs, x64):
@@ -559,6 +571,8 @@ def test_learning_rate_schedules():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="epochs or max_minutes"):
         TrainConfig(epochs=None)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=-1e-4)
 
 
 def test_run_schedule_budget_plan_and_resume(tmp_path, xyz):

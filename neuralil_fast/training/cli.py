@@ -137,6 +137,8 @@ def run(args) -> int:
         _fail("--warmup-epochs must be >= 0")
     if args.batch_size < 1 or args.committee < 1:
         _fail("--batch-size and --committee must be >= 1")
+    if not args.checkpoint_seconds >= 0:
+        _fail("--checkpoint-seconds must be >= 0")
     if args.resume and not state_path.is_file():
         _fail(f"--resume: no training state at {state_path}")
     if args.parity:
@@ -146,8 +148,10 @@ def run(args) -> int:
             require_matplotlib()
         except ValueError as err:
             _fail(str(err))
-    if not out.parent.is_dir() and str(out.parent):
-        _fail(f"--out: folder {out.parent} does not exist")
+    outputs = {"--out": out, "--state": state_path, "--log": args.log, "--parity": args.parity}
+    for flag, path in outputs.items():
+        if path is not None and not Path(path).parent.is_dir():
+            _fail(f"{flag}: folder {Path(path).parent} does not exist")
     try:
         model = NeuralIL(species=tuple(args.species), r_cut=args.r_cut, n_max=args.n_max,
                          embed_dim=args.embed_dim, widths=tuple(args.widths),

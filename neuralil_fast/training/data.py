@@ -91,8 +91,8 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
     """Stack ``io.Configuration`` objects into a :class:`PaddedData` of numpy arrays.
 
     species: the model's element symbols (index order); r_cut Å: the model's cutoff.
-    Raises ValueError for configurations without energy or forces, or with elements
-    outside ``species``.
+    Raises ValueError for configurations without energy or forces or without atoms, or
+    with elements outside ``species``.
     """
     if not configs:
         raise ValueError("no configurations to pad")
@@ -101,6 +101,8 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
     for k, c in enumerate(configs):
         if c.energy is None or c.forces is None:
             raise ValueError(f"configuration {k} lacks an energy or forces")
+        if c.n_atoms == 0:  # its energy per atom, a loss term, would be 0 / 0
+            raise ValueError(f"configuration {k} has no atoms")
         if c.n_atoms > n_max:
             raise ValueError(f"configuration {k} has {c.n_atoms} atoms, more than {n_max}")
         try:

@@ -89,6 +89,8 @@ class TrainConfig:
             raise ValueError("warmup_epochs must be >= 0")
         if not (0 < self.lr_start and 0 < self.lr_peak and 0 < self.lr_end):
             raise ValueError("learning rates must be > 0")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.patience is not None and self.patience < 1:
             raise ValueError("patience must be >= 1 epochs")
         if self.max_minutes is not None and not self.max_minutes > 0:
