@@ -61,9 +61,20 @@ def predict(model, params, configs, backend="auto", dtype="float64", progress=Fa
     return np.array(energies), forces
 
 
+def kept_indices(n_configs: int, exclude=()) -> list[int]:
+    """Indices 0..n_configs-1 without ``exclude``; ValueError if one is out of range or none is left."""
+    bad = sorted({int(k) for k in exclude if not 0 <= k < n_configs})
+    if bad:
+        raise ValueError(f"--exclude: indices {bad} are outside 0..{n_configs - 1}")
+    keep = [k for k in range(n_configs) if k not in set(exclude)]
+    if not keep:
+        raise ValueError("--exclude leaves no configuration to evaluate")
+    return keep
+
+
 def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
     """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors."""
-    keep = [k for k in range(len(configs)) if k not in set(exclude)]
+    keep = kept_indices(len(configs), exclude)
     n_atoms = np.array([configs[k].n_atoms for k in keep])
     de = np.array([(energies[k] - configs[k].energy) for k in keep]) / n_atoms * 1000.0
     offset = float(de.mean()) if remove_offset else 0.0
@@ -124,6 +135,7 @@ def run(args) -> int:
         seq = args.species_sequence.split(",") if "," in args.species_sequence else args.species_sequence
     model, params = load_any_model(args.model)
     configs = read_dataset(args.data, species_sequence=seq, species=model.species)
+    kept_indices(len(configs), args.exclude)  # before the (long) prediction
     t0 = time.perf_counter()
     energies, forces = predict(model, params, configs, backend=args.backend, dtype=args.dtype,
                                progress=not args.json)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import ase.io
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +132,43 @@ def test_stress_of_a_non_periodic_structure_says_why():
     assert np.isfinite(atoms.get_potential_energy())
     with pytest.raises(PropertyNotImplementedError, match="periodic in all three"):
         atoms.get_stress()
+
+
+def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
+    """``neuralil-fast evaluate --json``: MAE/RMSE equal those computed here from nf.Calculator."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from neuralil_fast.cli import main
+
+    model, params = _model_and_params()
+    nf.save(tmp_path / "m.nil", model, params)
+    rng = np.random.default_rng(5)
+    frames, de, df = [], [], []
+    for k in range(4):
+        atoms = _small_atoms(seed=k, n=8 + k)
+        atoms.calc = nf.Calculator(model, params, backend="reference")
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        e_ref, f_ref = e + rng.normal() * 0.05, f + rng.normal(size=f.shape) * 0.1
+        de.append((e - e_ref) / len(atoms))
+        df.append(f - f_ref)
+        atoms.calc = SinglePointCalculator(atoms, energy=e_ref, forces=f_ref)
+        frames.append(atoms)
+    data = tmp_path / "data.extxyz"
+    ase.io.write(data, frames)
+    args = ["evaluate", str(tmp_path / "m.nil"), str(data), "--backend", "numba", "--json"]
+    for exclude in ([], [2]):
+        capsys.readouterr()
+        assert main(args + ["--exclude", *map(str, exclude)]) == 0
+        m = json.loads(capsys.readouterr().out)
+        keep = [k for k in range(4) if k not in exclude]
+        e_err = 1000 * np.array([de[k] for k in keep])
+        f_err = 1000 * np.concatenate([df[k] for k in keep])
+        assert m["n_configs"] == len(keep)
+        assert m["energy_mae_meV_per_atom"] == pytest.approx(np.abs(e_err).mean(), rel=1e-5)
+        assert m["force_rmse_meV_per_A"] == pytest.approx(np.sqrt((f_err ** 2).mean()), rel=1e-5)
+    for exclude, message in (([4], "outside 0..3"), ([0, 1, 2, 3], "no configuration")):
+        assert main(args + ["--exclude", *map(str, exclude)]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.shared
