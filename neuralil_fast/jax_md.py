@@ -105,10 +105,23 @@ def atomic_energy_fn(model, params, species, cell, backend: str = "auto"):
     keyword arguments that jax-md passes along (``kT``, ...) are ignored.
     """
     backend = resolve_backend(backend)
-    species = jnp.asarray(np.asarray(species, dtype=np.int32))
+    species_np = np.asarray(species)
+    n_species = len(model.species)
+    if species_np.ndim != 1 or not np.issubdtype(species_np.dtype, np.integer):
+        raise ValueError(f"species must be a 1-D integer array of indices into "
+                         f"model.species, got {species_np.dtype} of shape {species_np.shape}")
+    bad = np.flatnonzero((species_np < 0) | (species_np >= n_species))
+    if bad.size:  # a gather would clamp or wrap them silently
+        raise ValueError(f"species indices {species_np[bad[:10]].tolist()} (atoms "
+                         f"{bad[:10].tolist()}) are outside 0..{n_species - 1}, the indices "
+                         f"of model.species {model.species}")
+    species = jnp.asarray(species_np.astype(np.int32))
     cell_np = np.asarray(cell, dtype=np.float64)
 
     def fn(R, neighbor: NeighborList, **kwargs):
+        if R.shape != (species.shape[0], 3):
+            raise ValueError(f"R has shape {R.shape}; the species give {species.shape[0]} "
+                             f"atoms, so (N, 3) = ({species.shape[0]}, 3)")
         c = jnp.asarray(cell_np, R.dtype)
         return atomic_energies(model, params, R, c, species, neighbor.centers,
                                neighbor.neighbors, neighbor.shifts, backend)

@@ -97,6 +97,28 @@ def test_atomic_energies_sum_to_the_energy(setup):
     np.testing.assert_allclose(float(e), float(jnp.sum(energies)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("species, match", [
+    (np.array([0, 1, 4]), r"\[4\].*outside 0\.\.3"),
+    (np.array([0, -1, 2]), r"\[-1\].*outside 0\.\.3"),  # would wrap to the last species
+    (np.zeros(3), "integer"),
+    (np.zeros((3, 1), int), "1-D"),
+])
+def test_energy_fn_rejects_bad_species(setup, species, match):
+    model, params, _, _ = setup
+    with pytest.raises(ValueError, match=match):
+        njm.energy_fn(model, params, species, np.eye(3) * 6.0)
+
+
+def test_energy_fn_rejects_positions_of_another_size(setup):
+    model, params, atoms, _ = setup
+    sys_ = njm.from_atoms(model, params, atoms, backend="reference")
+    nbrs = sys_.neighbor_fn.allocate(sys_.R)
+    longer = njm.energy_fn(model, params, np.append(np.asarray(sys_.species), 0), sys_.cell,
+                           backend="reference")
+    with pytest.raises(ValueError, match="species give"):  # a gather would clamp silently
+        jax.jit(longer)(sys_.R, nbrs)
+
+
 def test_displacement_is_minimum_image(setup):
     _, _, atoms, _ = setup
     displacement_fn, shift_fn = njm.space(atoms.cell[:])
