@@ -204,19 +204,22 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
     rate = float(np.polyfit(rec[:, 1], etot / n * 1e3, 1)[0]) if len(rec) > 2 else float("nan")
     if steps > 1 and "t1" in clock:
         speed = n * (steps - 1) / max(t_end - clock["t1"], 1e-12)
+        timed = "after the first step"
     else:
         speed = n * steps / wall if wall > 0 else float("nan")
+        timed = "the first step included: compilation"
     summary = dict(n_atoms=n, steps=steps, dt_fs=dt_fs, thermostat=thermostat,
                    drift_meV_per_atom=float(drift), drift_rate_meV_per_atom_ps=rate,
                    wall_s=wall, atom_steps_per_s=speed,
                    final_T_K=float(rec[-1, 5]))
     print(f"md: {n} atoms, {steps} steps of {dt_fs} fs ({thermostat}), "
           f"{steps * dt_fs * 1e-3:.4f} ps", file=out)
-    print(f"  total-energy drift: {drift:+.4f} meV/atom (first to last step), "
-          f"fit {rate:+.4f} meV/atom/ps", file=out)
-    print(f"  final T {summary['final_T_K']:.1f} K;  speed {summary['atom_steps_per_s']:.4g} "
-          f"atom-steps/s ({n / speed * 1e3 if speed > 0 else float('nan'):.2f} ms/step, "
-          f"after the first step)", file=out)
+    fit = f"{rate:+.4f} meV/atom/ps" if np.isfinite(rate) else "n/a (fewer than 3 records)"
+    print(f"  total-energy drift: {drift:+.4f} meV/atom (first to last step), fit {fit}",
+          file=out)
+    timing = (f"speed {speed:.4g} atom-steps/s ({n / speed * 1e3:.2f} ms/step, {timed})"
+              if steps > 0 and speed > 0 else "no step taken")
+    print(f"  final T {summary['final_T_K']:.1f} K;  {timing}", file=out)
     return summary
 
 

@@ -63,6 +63,17 @@ def test_langevin_runs(files, capsys):
     assert "(langevin)" in captured.out
 
 
+@pytest.mark.parametrize("steps, timing", [(0, "no step taken"), (1, "compilation"),
+                                           (2, "after the first step")])
+def test_short_runs_summarise_without_nan(files, capsys, steps, timing):
+    d = files
+    rc = main(["md", str(d / "m.nil"), str(d / "box.extxyz"), "--steps", str(steps),
+               "--backend", "reference", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and timing in out and "nan" not in out.lower(), out
+    assert ("fit n/a" in out) == (steps < 2)  # a rate needs three energies
+
+
 @pytest.mark.parametrize("argv, message", [
     (["md", "{d}/m.nil", "{d}/missing.gro"], "no such structure file"),
     (["md", "{d}/missing.nil", "{d}/box.extxyz"], "no such model file"),
