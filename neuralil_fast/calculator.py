@@ -64,8 +64,11 @@ class Calculator(_AseCalculator):
             committee_size(params)  # validates the leading axis
         if params is None:
             raise ValueError("pass the parameters with the model, or a path written by nf.save")
+        model.check_params(params, committee=committee)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if not (skin >= 0 and math.isfinite(skin)):
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.model = model
         self.params = params
         self.backend = resolve_backend(backend)

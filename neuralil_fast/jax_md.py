@@ -105,6 +105,7 @@ def atomic_energy_fn(model, params, species, cell, backend: str = "auto"):
     keyword arguments that jax-md passes along (``kT``, ...) are ignored.
     """
     backend = resolve_backend(backend)
+    model.check_params(params)
     species_np = np.asarray(species)
     n_species = len(model.species)
     if species_np.ndim != 1 or not np.issubdtype(species_np.dtype, np.integer):

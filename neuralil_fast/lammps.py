@@ -188,6 +188,7 @@ class NeuralILFix:
             model, params = load(model)
         if params is None:
             raise ValueError("pass the parameters with the model, or a path written by nf.save")
+        model.check_params(params)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         ntypes = int(lmp.extract_global("ntypes"))

@@ -293,6 +293,35 @@ class NeuralIL:
         params = self.network.init(key, X, jnp.zeros((1,), jnp.int32))
         return jax.tree.map(lambda a: a.astype(dtype), _unfreeze(params))
 
+    def check_params(self, params, committee: bool = False) -> None:
+        """ValueError unless ``params`` has this model's tree and shapes (+ a leading K axis).
+
+        Names the first leaf that differs: parameters of a model with other species,
+        n_max, widths, embed_dim or Morse/no-Morse fail here, not deep inside flax.
+        """
+        expected = jax.eval_shape(lambda: self.init(jax.random.key(0)))
+        want = {jax.tree_util.keystr(k): v.shape
+                for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+        try:
+            got = {jax.tree_util.keystr(k): np.shape(v)
+                   for k, v in jax.tree_util.tree_flatten_with_path(_unfreeze(params))[0]}
+        except Exception as err:  # noqa: BLE001 - any non-tree input
+            raise ValueError(f"params are not a parameter tree: {err}") from None
+        hint = "(are they the parameters of a model with other settings?)"
+        if sorted(got) != sorted(want):
+            extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+            raise ValueError(f"params do not fit this model: unexpected {extra[:3]}, missing "
+                             f"{missing[:3]} {hint}")
+        for name, shape in want.items():
+            have = got[name][1:] if committee else got[name]
+            if committee and not got[name]:
+                raise ValueError(f"committee params{name} has no leading member axis")
+            if tuple(have) != tuple(shape):
+                if not committee and tuple(got[name][1:]) == tuple(shape):
+                    hint = "(a committee's parameters? pass committee=True)"
+                raise ValueError(f"params{name} has shape {got[name]}, this model expects "
+                                 f"{('(K, ' + str(shape)[1:]) if committee else shape} {hint}")
+
     def to_config(self) -> dict:
         config = dataclasses.asdict(self)
         config["species"] = list(self.species)
@@ -331,10 +360,18 @@ def _unfreeze(tree):
 # Saving and loading
 
 
-def save(path, model: NeuralIL, params, extra: dict | None = None) -> None:
-    """Write ``model`` and ``params`` to ``path`` atomically in the safe checkpoint format."""
+def save(path, model: NeuralIL, params, extra: dict | None = None, *,
+         committee: bool | None = None) -> None:
+    """Write ``model`` and ``params`` to ``path`` atomically in the safe checkpoint format.
+
+    committee: whether ``params`` carry a leading member axis K (checked against the
+    model); None: as ``extra["committee"]`` says (see :mod:`neuralil_fast.committee`).
+    """
     from .io import write_checkpoint
 
+    if committee is None:
+        committee = bool((extra or {}).get("committee"))
+    model.check_params(params, committee=committee)
     config = {"model": FORMAT_NAME, "settings": model.to_config()}
     write_checkpoint(path, config, jax.tree.map(np.asarray, _unfreeze(params)), extra=extra)
 

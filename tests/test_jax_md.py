@@ -109,6 +109,14 @@ def test_energy_fn_rejects_bad_species(setup, species, match):
         njm.energy_fn(model, params, species, np.eye(3) * 6.0)
 
 
+def test_energy_fn_rejects_parameters_of_another_model(setup):
+    model, params, _, _ = setup
+    other = nf.NeuralIL(species=("C", "H", "N", "O"), r_cut=3.0, n_max=3, embed_dim=2,
+                        widths=(8, 8))
+    with pytest.raises(ValueError, match="has shape"):
+        njm.energy_fn(other, params, np.zeros(3, int), np.eye(3) * 6.0)
+
+
 def test_energy_fn_rejects_positions_of_another_size(setup):
     model, params, atoms, _ = setup
     sys_ = njm.from_atoms(model, params, atoms, backend="reference")

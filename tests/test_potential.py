@@ -95,6 +95,39 @@ def test_model_rejects_bad_settings(kwargs, match):
         nf.NeuralIL(**settings)
 
 
+@pytest.mark.parametrize("other, match", [
+    (dict(n_max=2), r"\['Inlet'\]\['kernel'\] has shape"),
+    (dict(widths=(16, 8, 8, 8)), "missing"),
+    (dict(morse=False), "unexpected"),
+    (dict(species=("C", "H", "N")), "has shape"),
+])
+def test_parameters_of_another_model_are_rejected(tmp_path, other, match):
+    """Calculator and nf.save name the first parameter that does not fit the model."""
+    from neuralil_fast.committee import save_committee, stack
+
+    _, params = _model_and_params()
+    model = nf.NeuralIL(**(dict(species=SPECIES, r_cut=3.0, n_max=3, widths=(16, 8, 8)) | other))
+    with pytest.raises(ValueError, match=match):
+        nf.Calculator(model, params)
+    with pytest.raises(ValueError, match=match):
+        nf.save(tmp_path / "m.nil", model, params)
+    with pytest.raises(ValueError, match=match):
+        save_committee(tmp_path / "c.nil", model, stack([params, params]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_committee_flag_and_skin_are_checked():
+    from neuralil_fast.committee import stack
+
+    model, params = _model_and_params()
+    with pytest.raises(ValueError, match="committee=True"):
+        nf.Calculator(model, stack([params, params]))
+    nf.Calculator(model, stack([params, params]), committee=True)
+    for skin in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="skin"):
+            nf.Calculator(model, params, skin=skin)
+
+
 def test_calculator_rejects_unknown_species():
     model, params = _model_and_params()
     atoms = Atoms("Fe2", positions=[[0, 0, 0], [1.5, 0, 0]], cell=[5, 5, 5], pbc=True)
@@ -112,9 +145,9 @@ def test_empty_structure_has_zero_energy(backend, pbc):
     model, params = _model_and_params()
     sb = nf.SphericalBessel(species=SPECIES, r_cut=3.0, n_max=3)
     assert sb.compute(Atoms(cell=[5, 5, 5], pbc=pbc), backend=backend).shape == (0, sb.n_features)
-    for p in (params, stack([params, params])):
+    for p, committee in ((params, False), (stack([params, params]), True)):
         atoms = Atoms(cell=[5, 5, 5], pbc=pbc)
-        atoms.calc = nf.Calculator(model, p, backend=backend)
+        atoms.calc = nf.Calculator(model, p, backend=backend, committee=committee)
         assert atoms.get_potential_energy() == 0.0
         assert atoms.get_forces().shape == (0, 3)
         assert atoms.get_potential_energies().shape == (0,)

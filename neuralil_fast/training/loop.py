@@ -384,7 +384,8 @@ class Trainer:
         }}
         if state.ema_params is not None:
             extra["training"]["ema_params"] = jax.tree.map(np.asarray, state.ema_params)
-        save(path, self.model, jax.tree.map(np.asarray, state.params), extra=extra)
+        save(path, self.model, jax.tree.map(np.asarray, state.params), extra=extra,
+             committee=True)  # the state keeps the member axis, K = 1 included
 
     def load_state(self, path) -> TrainState:
         model, params, extra = load(path, with_extra=True)
