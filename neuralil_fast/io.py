@@ -299,6 +299,8 @@ def _replacing(path: Path):
     removed.  The caller writes it and closes ``fd``.
     """
     directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():  # else mkstemp's error names the temp file, not the folder
+        raise FileNotFoundError(f"cannot write {path}: folder {directory} does not exist")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         yield fd, tmp_name

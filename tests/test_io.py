@@ -217,6 +217,8 @@ def test_checkpoint_rejects_unsupported_inputs(tmp_path):
         nio.write_checkpoint(path, {}, {"a": np.zeros(2, dtype="U3")})
     with pytest.raises(TypeError, match="64 bits"):
         nio.write_checkpoint(path, {}, {}, {"x": 2**70})
+    with pytest.raises(FileNotFoundError, match=r"folder .*missing does not exist"):
+        nio.write_checkpoint(tmp_path / "missing" / "m.nil", {}, {"a": np.ones(2)})
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
