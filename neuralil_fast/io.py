@@ -942,9 +942,8 @@ def read_dataset(
 
     Every problem (malformed line, missing key, wrong shape, inconsistent atom
     counts, NaN/inf values, unknown elements, a labelled configuration without
-    atoms) raises ``ValueError`` naming the
-    configuration index (0-based) and, for JSON Lines, the line number
-    (1-based).
+    atoms) raises ``ValueError`` naming the configuration index (0-based) and,
+    for JSON Lines, the line number (1-based).
     """
     path = Path(path)
     if not path.is_file():
