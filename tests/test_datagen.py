@@ -124,6 +124,29 @@ def test_box_length_for_four_pairs():
     assert ean.box_length(8) == pytest.approx(10.59, abs=0.01)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--timestep", "0", "timestep_fs"),
+    ("--accuracy", "0", "accuracy"),  # tblite's SCF would not converge
+    ("--rattle-std", "-0.1", "rattle_std"),
+    ("--max-strain", "0.4", "max_strain"),
+    ("--jobs", "0", "--jobs"),
+    ("--temperatures", "300,nan", "temperatures"),
+    ("--n-configs", "0", "n_configs"),
+])
+def test_make_data_rejects_bad_settings(tmp_path, capsys, option, value, message):
+    """Clear errors before any xTB call (and before tblite is even needed)."""
+    from neuralil_fast.cli import main
+
+    try:
+        rc = main(["make-data", "--out", str(tmp_path / "d.xyz"), "--no-progress",
+                   option, value])
+    except SystemExit as exit_:  # argparse's own check of the temperature list
+        rc = exit_.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 # --- tblite --------------------------------------------------------------------
 
 def test_missing_tblite_message(monkeypatch):

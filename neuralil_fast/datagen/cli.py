@@ -18,7 +18,7 @@ def _temperatures(text: str) -> tuple[float, ...]:
         temps = tuple(float(t) for t in text.replace(",", " ").split())
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"bad temperature list {text!r}") from err
-    if not temps or min(temps) <= 0:
+    if not temps or not all(0 < t < float("inf") for t in temps):
         raise argparse.ArgumentTypeError("temperatures must be positive numbers in K")
     return temps
 
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from . import label as xlabel
 
     cfg = config_from_args(args)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if not xlabel.have_tblite():
         print(f"neuralil-fast make-data: {xlabel.INSTALL_HINT}", file=sys.stderr)
         return 2

@@ -68,6 +68,23 @@ class GeneratorConfig:
             raise ValueError("sample_every must be at least 1")
         if min(self.n_rattle, self.n_strain, self.relax_steps, self.equil_steps) < 0:
             raise ValueError("step and copy counts must not be negative")
+        positive = [("temperatures", t) for t in self.temperatures] + [
+            ("density", self.density), ("relax_fmax", self.relax_fmax),
+            ("timestep_fs", self.timestep_fs), ("friction_per_fs", self.friction_per_fs),
+            ("accuracy", self.accuracy)]
+        for name, value in positive:
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if not (self.rattle_std >= 0 and math.isfinite(self.rattle_std)):
+            raise ValueError(f"rattle_std must be >= 0 Å, got {self.rattle_std}")
+        # below 1/3 the strained cell (I + eps) is diagonally dominant: never singular
+        if not 0 <= self.max_strain < 1 / 3:
+            raise ValueError(f"max_strain must be in [0, 1/3), got {self.max_strain}")
+        if not self.electronic_temperature >= 0:
+            raise ValueError(f"electronic_temperature must be >= 0 K, got "
+                             f"{self.electronic_temperature}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def per_md_frame(self) -> int:
