@@ -8,6 +8,7 @@ energy drift and the speed.
 from __future__ import annotations
 
 import json
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -42,7 +43,17 @@ def run(args) -> int:
     from .cli import main as cli_main
     from .md import thermalize
 
+    from .backends import resolve_backend
+
+    # checked here so that the errors name the demo's options, before any training
+    if not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
+        raise ValueError(f"--max-minutes must be a positive number, got {args.max_minutes}")
+    if args.md_steps < 1:
+        raise ValueError(f"--md-steps must be >= 1, got {args.md_steps}")
+    resolve_backend(args.backend)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo writes a folder")
     out.mkdir(parents=True, exist_ok=True)
     data = bundled_data()
     model_path = out / "model.nil"
