@@ -392,7 +392,8 @@ def _describe_foreign(data: bytes) -> str:
     if not data:
         return "the file is empty"
     if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q", b"]q"):
-        return "it looks like a Python pickle, which is never loaded"
+        return ("it looks like a Python pickle, which is never loaded (parameters of the "
+                "original NeuralIL code: nf.from_neuralil(path), which reads them safely)")
     if data[:4] == b"PK\x03\x04":
         return "it looks like a zip archive (e.g. an .npz file)"
     if data[:6] == b"\x93NUMPY":

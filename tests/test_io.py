@@ -302,7 +302,7 @@ def test_checkpoint_foreign_files(tmp_path):
         "random.bin": (bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)),
                        "not a neuralil_fast checkpoint"),
         "config.json": (json.dumps({"a": 1}).encode(), "JSON"),
-        "obj.pickle": (pickle.dumps({"a": 1}), "pickle"),
+        "obj.pickle": (pickle.dumps({"a": 1}), "pickle.*nf.from_neuralil"),
         "old.pickle": (pickle.dumps({"a": 1}, protocol=0), "pickle"),
         "empty.nil": (b"", "empty"),
         "text.nil": (b"hello world\n", "not a neuralil_fast checkpoint"),
