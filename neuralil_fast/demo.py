@@ -39,11 +39,10 @@ def run(args) -> int:
     from ase.md.verlet import VelocityVerlet
     from ase import units
 
+    from .backends import resolve_backend
     from .calculator import Calculator
     from .cli import main as cli_main
     from .md import thermalize
-
-    from .backends import resolve_backend
 
     # checked here so that the errors name the demo's options, before any training
     if not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
