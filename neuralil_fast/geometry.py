@@ -151,18 +151,27 @@ def perpendicular_widths(cell):
     return vol / xp.maximum(xp.linalg.norm(cross, axis=1), 1e-30)
 
 
-def wrap_positions(positions, cell, pbc) -> np.ndarray:
-    """Positions moved into the cell along periodic directions (fractional in [0, 1))."""
+def wrap_positions(positions, cell, pbc, beyond: int | None = None) -> np.ndarray:
+    """Positions moved into the cell along periodic directions (fractional in [0, 1)).
+
+    With ``beyond`` = k only the atoms more than k cells away along some periodic
+    direction (|floor(fractional)| > k) are wrapped; the others are returned unchanged.
+    """
     positions = check_positions(positions)
     cell, pbc = check_cell(cell, pbc)
     if not pbc.any():
         return positions.copy()
     full = _complete_cell(cell, pbc)
     frac = np.linalg.solve(full.T, positions.T).T
-    frac[:, pbc] -= np.floor(frac[:, pbc])
+    whole = np.floor(frac[:, pbc])
+    frac[:, pbc] -= whole
     # floor can leave exactly 1.0 after rounding; keep the half-open interval.
     frac[:, pbc] = np.where(frac[:, pbc] >= 1.0, 0.0, frac[:, pbc])
-    return frac @ full
+    wrapped = frac @ full
+    if beyond is None:
+        return wrapped
+    far = (np.abs(whole) > beyond).any(axis=1)
+    return np.where(far[:, None], wrapped, positions)
 
 
 def validate_cutoff(r_cut) -> float:

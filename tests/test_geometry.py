@@ -119,6 +119,22 @@ def test_wrap_positions_half_open_and_open_zero_vector():
     np.testing.assert_array_equal(w0, pos)
 
 
+def test_wrap_positions_beyond_moves_only_far_atoms():
+    cell = np.array([[5.0, 0.0, 0.0], [1.0, 6.0, 0.0], [0.5, -0.7, 7.0]])
+    pbc = np.array([True, True, False])
+    rng = np.random.default_rng(4)
+    frac = rng.uniform(-0.5, 1.5, (6, 3))
+    frac[1, 0] += 40.0   # far along a
+    frac[2, 1] -= 7.0    # far along b
+    frac[4, 0] += 3.0    # within 4 cells: left alone
+    pos = frac @ cell
+    pos[3, 2] += 700.0   # far along the open direction (normal to a and b): left alone
+    got = wrap_positions(pos, cell, pbc, beyond=4)
+    full = wrap_positions(pos, cell, pbc)
+    np.testing.assert_array_equal(got[[1, 2]], full[[1, 2]])
+    np.testing.assert_array_equal(got[[0, 3, 4, 5]], pos[[0, 3, 4, 5]])
+
+
 # --------------------------------------------------------------------------- errors
 
 

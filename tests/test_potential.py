@@ -128,6 +128,24 @@ def test_committee_flag_and_skin_are_checked():
             nf.Calculator(model, params, skin=skin)
 
 
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_atom_unwrapped_far_from_the_cell(dtype, tol):
+    """An atom thousands of Å out (an unwrapped MD trajectory) is its image in the cell.
+
+    float32 resolves 7 000 Å to 5e-4 Å: evaluated there, forces were off by ~1e-3 eV/Å.
+    """
+    model, params = _model_and_params()
+    near = _small_atoms(n=12)
+    far = near.copy()
+    far.positions[3] += np.array([1000, -300, 50]) @ far.cell[:]
+    got = {}
+    for name, atoms in (("near", near), ("far", far)):
+        atoms.calc = nf.Calculator(model, params, backend="numba", dtype=dtype)
+        got[name] = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    for a, b in zip(got["far"], got["near"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol)
+
+
 def test_calculator_rejects_unknown_species():
     model, params = _model_and_params()
     atoms = Atoms("Fe2", positions=[[0, 0, 0], [1.5, 0, 0]], cell=[5, 5, 5], pbc=True)
