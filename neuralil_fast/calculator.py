@@ -16,7 +16,7 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from .backends import resolve_backend
-from .geometry import as_system, species_indices, wrap_positions
+from .geometry import as_system, species_indices, validate_skin, wrap_positions
 from .neighbors import allocate, reallocate, update
 from .potential import block_pairs_needed, evaluate_jit
 
@@ -68,12 +68,10 @@ class Calculator(_AseCalculator):
         model.check_params(params, committee=committee)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if not (skin >= 0 and math.isfinite(skin)):
-            raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.model = model
         self.params = params
         self.backend = resolve_backend(backend)
-        self.skin = float(skin)
+        self.skin = validate_skin(skin)
         self.dtype = dtype
         self.committee = bool(committee)
         if block_atoms is not None and int(block_atoms) < 1:
@@ -114,11 +112,13 @@ class Calculator(_AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         system = as_system(self.atoms)
-        # An atom unwrapped far from the cell loses float32 resolution (7 000 Å: 5e-4 Å):
-        # atoms beyond 4 cells are evaluated as their image in the cell (same energy and
-        # forces); rare enough that the neighbour list's skin test is unaffected.
-        system = dataclasses.replace(system, positions=wrap_positions(
-            system.positions, system.cell, system.pbc, beyond=4))
+        if self.dtype == "float32":
+            # An atom unwrapped far from the cell loses float32 resolution (7 000 Å: 5e-4
+            # Å): atoms beyond 4 cells are evaluated as their image in the cell (same
+            # energy and forces); rare enough that the neighbour list's skin test is
+            # unaffected.  float64 keeps 1e-12 Å there and is left as it is.
+            system = dataclasses.replace(system, positions=wrap_positions(
+                system.positions, system.cell, system.pbc, beyond=4))
         species = species_indices(system.numbers, self.model.species)
         periodic = bool(system.pbc.all())
         if "stress" in properties and not periodic:

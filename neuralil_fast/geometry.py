@@ -18,6 +18,7 @@ __all__ = [
     "perpendicular_widths",
     "wrap_positions",
     "validate_cutoff",
+    "validate_skin",
     "check_positions",
     "check_cell",
     "species_indices",
@@ -162,6 +163,12 @@ def wrap_positions(positions, cell, pbc, beyond: int | None = None) -> np.ndarra
     if not pbc.any():
         return positions.copy()
     full = _complete_cell(cell, pbc)
+    if beyond is not None and len(positions):
+        # |fractional_k| = |x . b_k| <= |x| |b_k| (b_k: column k of the inverse cell): when
+        # that bound is within `beyond` for every atom, none is beyond; skip the solve
+        reach = np.sqrt(np.max(np.einsum("ij,ij->i", positions, positions)))
+        if reach * np.max(np.linalg.norm(np.linalg.inv(full)[:, pbc], axis=0)) <= beyond:
+            return positions.copy()
     frac = np.linalg.solve(full.T, positions.T).T
     whole = np.floor(frac[:, pbc])
     frac[:, pbc] -= whole
@@ -179,6 +186,14 @@ def validate_cutoff(r_cut) -> float:
     if not np.isfinite(r_cut) or r_cut <= 0.0:
         raise ValueError(f"r_cut must be a positive finite number of Å, got {r_cut}")
     return r_cut
+
+
+def validate_skin(skin) -> float:
+    """The neighbour-list skin as a float, Å; ValueError unless finite and >= 0."""
+    skin = float(skin)
+    if not (np.isfinite(skin) and skin >= 0.0):
+        raise ValueError(f"skin must be >= 0 Å, got {skin}")
+    return skin
 
 
 def as_system(atoms=None, *, positions=None, cell=None, pbc=None, numbers=None) -> System:

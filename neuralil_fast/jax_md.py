@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .backends import resolve_backend
-from .geometry import as_system, check_cell, species_indices
+from .geometry import as_system, check_cell, species_indices, validate_skin
 from .neighbors import NeighborList, allocate, update
 from .potential import atomic_energies
 
@@ -199,10 +199,8 @@ def neighbor_list(model_or_r_cut, cell, pbc=True, skin: float = 0.5,
     """
     r_cut = float(getattr(model_or_r_cut, "r_cut", model_or_r_cut))
     cell, pbc = check_cell(cell, pbc)
-    if not (skin >= 0 and math.isfinite(skin)):
-        raise ValueError(f"skin must be >= 0 Å, got {skin}")
     return NeighborFn(tuple(map(tuple, cell.tolist())), tuple(bool(p) for p in pbc), r_cut,
-                      float(skin), float(capacity_multiplier), resolve_backend(backend))
+                      validate_skin(skin), float(capacity_multiplier), resolve_backend(backend))
 
 
 def from_atoms(model, params, atoms, skin: float = 0.5, backend: str = "auto",

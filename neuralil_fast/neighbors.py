@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .backends import resolve_backend
-from .geometry import _complete_cell, as_system, check_cell, check_positions, perpendicular_widths
-from .geometry import validate_cutoff
+from .geometry import (_complete_cell, as_system, check_cell, check_positions,
+                       perpendicular_widths, validate_cutoff, validate_skin)
 
 __all__ = ["neighbor_pairs", "neighbor_pairs_reference", "NeighborList", "allocate", "update"]
 
@@ -171,8 +171,7 @@ def allocate(positions, cell, pbc, r_cut: float, skin: float = 0.0, *,
     positions = check_positions(np.asarray(positions))
     cell, pbc = check_cell(cell if cell is not None else np.zeros((3, 3)), pbc)
     r_cut = validate_cutoff(r_cut)
-    if not (skin >= 0.0 and math.isfinite(skin)):
-        raise ValueError(f"skin must be >= 0 Å, got {skin}")
+    skin = validate_skin(skin)
     if capacity_multiplier < 1.0:
         raise ValueError(f"capacity_multiplier must be >= 1, got {capacity_multiplier}")
     backend = resolve_backend(backend)

@@ -133,6 +133,22 @@ def test_wrap_positions_beyond_moves_only_far_atoms():
     full = wrap_positions(pos, cell, pbc)
     np.testing.assert_array_equal(got[[1, 2]], full[[1, 2]])
     np.testing.assert_array_equal(got[[0, 3, 4, 5]], pos[[0, 3, 4, 5]])
+    near = pos[[0, 4, 5]]  # no atom far: the bound skips the solve
+    np.testing.assert_array_equal(wrap_positions(near, cell, pbc, beyond=4), near)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_wrap_positions_beyond_against_fractional_coordinates(seed):
+    """Atoms spread over +-7 cells of a skewed cell: wrapped exactly when |floor(f)| > 3."""
+    rng = np.random.default_rng(seed)
+    cell = np.diag([4.0, 5.0, 6.0]) + rng.uniform(-1.5, 1.5, (3, 3))
+    pbc = np.array([True, True, True])
+    pos = rng.uniform(-7, 7, (50, 3)) * rng.uniform(0, 1, (50, 1)) @ cell
+    frac = np.linalg.solve(cell.T, pos.T).T
+    far = (np.abs(np.floor(frac)) > 3).any(axis=1)
+    got = wrap_positions(pos, cell, pbc, beyond=3)
+    np.testing.assert_array_equal(got[far], wrap_positions(pos, cell, pbc)[far])
+    np.testing.assert_array_equal(got[~far], pos[~far])
 
 
 # --------------------------------------------------------------------------- errors
