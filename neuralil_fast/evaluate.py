@@ -73,23 +73,31 @@ def kept_indices(n_configs: int, exclude=()) -> list[int]:
 
 
 def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
-    """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors."""
+    """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors.
+
+    Force entries cover the kept configurations that carry forces (``n_configs_forces``);
+    where none does, they are absent.
+    """
     keep = kept_indices(len(configs), exclude)
     n_atoms = np.array([configs[k].n_atoms for k in keep])
     de = np.array([(energies[k] - configs[k].energy) for k in keep]) / n_atoms * 1000.0
     offset = float(de.mean()) if remove_offset else 0.0
     de = de - offset
-    df = np.concatenate([forces[k] - configs[k].forces for k in keep]) * 1000.0
-    symbols = np.concatenate([np.asarray(configs[k].symbols) for k in keep])
+    with_forces = [k for k in keep if configs[k].forces is not None]
     out = {
         "n_configs": len(keep),
+        "n_configs_forces": len(with_forces),
         "energy_offset_meV_per_atom": offset,
         "energy_mae_meV_per_atom": float(np.abs(de).mean()),
         "energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean())),
-        "force_mae_meV_per_A": float(np.abs(df).mean()),
-        "force_rmse_meV_per_A": float(np.sqrt((df**2).mean())),
         "per_element": {},
     }
+    if not with_forces:
+        return out
+    df = np.concatenate([forces[k] - configs[k].forces for k in with_forces]) * 1000.0
+    symbols = np.concatenate([np.asarray(configs[k].symbols) for k in with_forces])
+    out["force_mae_meV_per_A"] = float(np.abs(df).mean())
+    out["force_rmse_meV_per_A"] = float(np.sqrt((df**2).mean()))
     for s in sorted(set(symbols.tolist())):
         d = df[symbols == s]
         out["per_element"][s] = {"force_mae_meV_per_A": float(np.abs(d).mean()),
@@ -99,13 +107,18 @@ def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
 
 def format_table(m: dict) -> str:
     lines = [f"configurations: {m['n_configs']}"]
+    if m["n_configs_forces"] < m["n_configs"]:
+        lines[0] += f" ({m['n_configs_forces']} with forces)"
     if m["energy_offset_meV_per_atom"]:
         lines.append(f"energy offset removed: {m['energy_offset_meV_per_atom']:+.3f} meV/atom")
     lines += [
         f"{'quantity':<22}{'MAE':>12}{'RMSE':>12}",
         f"{'energy (meV/atom)':<22}{m['energy_mae_meV_per_atom']:>12.3f}{m['energy_rmse_meV_per_atom']:>12.3f}",
-        f"{'forces (meV/Å)':<22}{m['force_mae_meV_per_A']:>12.2f}{m['force_rmse_meV_per_A']:>12.2f}",
     ]
+    if "force_mae_meV_per_A" not in m:
+        lines.append(f"{'forces (meV/Å)':<22}{'n/a':>12}{'n/a':>12}")
+        return "\n".join(lines)
+    lines.append(f"{'forces (meV/Å)':<22}{m['force_mae_meV_per_A']:>12.2f}{m['force_rmse_meV_per_A']:>12.2f}")
     for s, e in m["per_element"].items():
         lines.append(f"{'  forces on ' + s:<22}{e['force_mae_meV_per_A']:>12.2f}{e['force_rmse_meV_per_A']:>12.2f}")
     return "\n".join(lines)
@@ -113,7 +126,8 @@ def format_table(m: dict) -> str:
 
 def add_arguments(p):
     p.add_argument("model", help="model file (nf.save) or an original NeuralIL parameter pickle")
-    p.add_argument("data", help="extxyz (or anything ASE reads with energy and forces) or NeuralIL JSON Lines")
+    p.add_argument("data", help="extxyz (or anything ASE reads with energies, and forces where "
+                                "known) or NeuralIL JSON Lines")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--species-sequence", help="JSON Lines only: a types file, or the symbols separated by commas")
     g.add_argument("--ean-pairs", type=int, help="JSON Lines only: EAN with this many ion pairs (cations first)")
@@ -134,7 +148,8 @@ def run(args) -> int:
     elif args.species_sequence:
         seq = args.species_sequence.split(",") if "," in args.species_sequence else args.species_sequence
     model, params = load_any_model(args.model)
-    configs = read_dataset(args.data, species_sequence=seq, species=model.species)
+    configs = read_dataset(args.data, species_sequence=seq, species=model.species,
+                           require_labels=("energy",))
     kept_indices(len(configs), args.exclude)  # before the (long) prediction
     t0 = time.perf_counter()
     energies, forces = predict(model, params, configs, backend=args.backend, dtype=args.dtype,

@@ -706,6 +706,8 @@ def read_neuralil_pickle(path: str | os.PathLike) -> dict:
 # Datasets
 # ---------------------------------------------------------------------------
 
+LABELS = ("energy", "forces")  # the labels read_dataset can require
+
 
 def _known_symbols() -> frozenset[str]:
     from ase.data import chemical_symbols
@@ -902,7 +904,7 @@ def read_dataset(
     fmt: str | None = None,
     *,
     species: Iterable[str] | None = None,
-    require_labels: bool = True,
+    require_labels: bool | Iterable[str] = True,
     wrap: bool = False,
 ) -> list[Configuration]:
     """Read labelled configurations from a file.
@@ -927,8 +929,9 @@ def read_dataset(
         Optional: the elements the model knows.  A configuration with another
         element raises ``ValueError`` naming the missing symbols.
     require_labels:
-        If True (the default) every configuration must carry an energy and
-        forces; if False missing labels become None.
+        The labels every configuration must carry: True (the default) for
+        ``("energy", "forces")``, False for none, or a subset such as
+        ``("energy",)``; a label that is not required and missing becomes None.
     wrap:
         Positions are kept exactly as stored by default (they may lie
         outside the cell: the neighbour code handles periodic images).  With
@@ -949,6 +952,7 @@ def read_dataset(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
+    required = _required_labels(require_labels)
     if fmt is None:
         fmt = _detect_format(path)
     fmt_l = fmt.lower()
@@ -960,17 +964,17 @@ def read_dataset(
                 "types file), e.g. ean_species_sequence(15) for the EAN data"
             )
         seq = _resolve_species_sequence(species_sequence)
-        configs = _read_jsonl(path, seq, require_labels)
+        configs = _read_jsonl(path, seq, required)
     else:
         if species_sequence is not None:
             raise ValueError(
                 f"{path}: species_sequence is only used for NeuralIL JSON Lines "
                 f"files; {fmt} files carry their own element symbols"
             )
-        configs = _read_ase(path, None if fmt_l == "ase" else fmt, require_labels)
+        configs = _read_ase(path, None if fmt_l == "ase" else fmt, required)
     if not configs:
         raise ValueError(f"{path} holds no configurations")
-    if require_labels:
+    if required:
         for k, conf in enumerate(configs):
             if conf.n_atoms == 0:  # as a label, its energy per atom would be 0 / 0
                 raise ValueError(f"{path}, configuration {k} has no atoms")
@@ -989,7 +993,18 @@ def read_dataset(
     return configs
 
 
-def _read_jsonl(path: Path, seq: tuple[str, ...], require_labels: bool) -> list[Configuration]:
+def _required_labels(require_labels) -> tuple[str, ...]:
+    """require_labels (True, False or label names) -> the required labels, in LABELS order."""
+    if require_labels is True or require_labels is False:
+        return LABELS if require_labels else ()
+    names = {require_labels} if isinstance(require_labels, str) else set(require_labels)
+    unknown = sorted(names - set(LABELS))
+    if unknown:
+        raise ValueError(f"require_labels: unknown labels {unknown}; choose from {LABELS}")
+    return tuple(n for n in LABELS if n in names)
+
+
+def _read_jsonl(path: Path, seq: tuple[str, ...], required: tuple[str, ...]) -> list[Configuration]:
     configs: list[Configuration] = []
     with open(path, "rb") as fh:
         raw = fh.read()
@@ -1016,10 +1031,8 @@ def _read_jsonl(path: Path, seq: tuple[str, ...], require_labels: bool) -> list[
             raise ValueError(
                 f"{where}: expected a JSON object, got {type(rec).__name__}"
             )
-        required = ["Positions", "Cell-Size"]
-        if require_labels:
-            required += ["Energy", "Forces"]
-        for key in required:
+        keys = ["Positions", "Cell-Size"] + [n.capitalize() for n in required]
+        for key in keys:
             if key not in rec:
                 raise ValueError(f"{where}: missing key {key!r}")
         try:
@@ -1088,7 +1101,7 @@ def _float_array_nonfinite_ok(value: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not a numeric array (ragged or non-numeric)") from None
 
 
-def _read_ase(path: Path, fmt: str | None, require_labels: bool) -> list[Configuration]:
+def _read_ase(path: Path, fmt: str | None, required: tuple[str, ...]) -> list[Configuration]:
     import ase.io
 
     try:
@@ -1103,7 +1116,7 @@ def _read_ase(path: Path, fmt: str | None, require_labels: bool) -> list[Configu
     configs = []
     for k, atoms in enumerate(frames):
         try:
-            configs.append(from_atoms(atoms, require_labels=require_labels))
+            configs.append(from_atoms(atoms, require_labels=required))
         except ValueError as exc:
             raise ValueError(f"{path}, configuration {k}: {exc}") from None
     return configs
@@ -1122,19 +1135,22 @@ def _label(atoms: Any, name: str) -> Any:
     return None
 
 
-def from_atoms(atoms: Any, *, require_labels: bool = False) -> Configuration:
+def from_atoms(atoms: Any, *, require_labels: bool | Iterable[str] = False) -> Configuration:
     """Build a :class:`Configuration` from an ``ase.Atoms``.
 
     Labels are taken from the attached calculator's ``results`` (as ASE's
     extxyz reader stores them), else from ``atoms.info`` (energy, stress) or
-    ``atoms.arrays`` (forces).  With ``require_labels`` a missing energy or
-    forces raises ``ValueError``.
+    ``atoms.arrays`` (forces).  A label named by ``require_labels`` (True: energy and
+    forces; or label names, as in :func:`read_dataset`) that is missing raises
+    ``ValueError``.
     """
     energy = _label(atoms, "energy")
     forces = _label(atoms, "forces")
     stress = _label(atoms, "stress")
-    if require_labels:
-        missing = [n for n, v in (("energy", energy), ("forces", forces)) if v is None]
+    required = _required_labels(require_labels)
+    if required:
+        found = {"energy": energy, "forces": forces}
+        missing = [n for n in required if found[n] is None]
         if missing:
             raise ValueError(f"no {' or '.join(missing)} label")
     info = {k: v for k, v in atoms.info.items() if k not in ("energy", "stress")}

@@ -687,6 +687,22 @@ def test_jsonl_labels_optional(tmp_path):
     assert c.energy is None and c.forces is None
 
 
+def test_required_labels_subset(tmp_path):
+    """require_labels=("energy",): forces may be missing (None), energies may not."""
+    seq = ["O", "H", "H"]
+    path = _write_jsonl(tmp_path / "d.jsonl", [_record(), _record(Forces=_DROP)])
+    a, b = nio.read_dataset(path, seq, require_labels=("energy",))
+    assert a.forces.shape == (3, 3) and b.forces is None and b.energy is not None
+    with pytest.raises(ValueError, match=r"line 2 \(configuration 1\): missing key 'Forces'"):
+        nio.read_dataset(path, seq)
+    no_energy = _write_jsonl(tmp_path / "e.jsonl", [_record(Energy=_DROP)])
+    with pytest.raises(ValueError, match="missing key 'Energy'"):
+        nio.read_dataset(no_energy, seq, require_labels=("energy",))
+    assert nio.read_dataset(no_energy, seq, require_labels="forces")[0].energy is None
+    with pytest.raises(ValueError, match=r"unknown labels \['stress'\]"):
+        nio.read_dataset(path, seq, require_labels=("energy", "stress"))
+
+
 @pytest.mark.parametrize("over, msg", [
     ({"Natoms": 4}, "Natoms is 4 but Positions has 3 rows"),
     ({"Natoms": "3"}, "Natoms"),
@@ -817,6 +833,18 @@ def test_ase_missing_labels_and_nonfinite(tmp_path):
         nio.read_dataset(p)
     (c,) = nio.read_dataset(p, require_labels=False)
     assert c.energy is None and c.forces is None
+    with pytest.raises(ValueError, match="configuration 0: no energy label"):
+        nio.read_dataset(p, require_labels=("energy",))
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    energy_only = tmp_path / "energy_only.extxyz"
+    atoms = nio.to_atoms(_configs()[0])
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.5)
+    write(energy_only, [atoms])
+    with pytest.raises(ValueError, match="configuration 0: no forces label"):
+        nio.read_dataset(energy_only)
+    (c,) = nio.read_dataset(energy_only, require_labels=("energy",))
+    assert c.energy == -1.5 and c.forces is None
 
     confs = _configs()
     confs[1].forces[0, 0] = np.nan  # bypass the constructor check on purpose

@@ -222,6 +222,26 @@ def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
     for exclude, message in (([4], "outside 0..3"), ([0, 1, 2, 3], "no configuration")):
         assert main(args + ["--exclude", *map(str, exclude)]) == 2
         assert message in capsys.readouterr().err
+    # forces are optional: their metrics cover the configurations that carry them
+    for with_forces in ([0, 2], []):
+        for k, atoms in enumerate(frames):
+            if k not in with_forces:
+                atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())
+        ase.io.write(data, frames)
+        capsys.readouterr()
+        assert main(args) == 0
+        m = json.loads(capsys.readouterr().out)
+        assert m["n_configs"] == 4 and m["n_configs_forces"] == len(with_forces)
+        e_err = 1000 * np.array(de)
+        assert m["energy_mae_meV_per_atom"] == pytest.approx(np.abs(e_err).mean(), rel=1e-5)
+        if with_forces:
+            f_err = 1000 * np.concatenate([df[k] for k in with_forces])
+            assert m["force_mae_meV_per_A"] == pytest.approx(np.abs(f_err).mean(), rel=1e-5)
+        else:
+            assert "force_mae_meV_per_A" not in m and m["per_element"] == {}
+            assert main(args[:-1]) == 0
+            table = capsys.readouterr().out
+            assert "(0 with forces)" in table and "n/a" in table
 
 
 @pytest.mark.shared

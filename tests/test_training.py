@@ -5,6 +5,8 @@ labelled by ASE's smooth Lennard-Jones pair potential.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -26,7 +28,7 @@ from neuralil_fast.io import Configuration, from_atoms, to_atoms
 from neuralil_fast.model import NeuralIL, load
 from neuralil_fast.training.data import pad_configurations, split_indices, take
 from neuralil_fast.training.losses import LossConfig, log_cosh, loss_terms, total_loss
-from neuralil_fast.training.loop import TrainConfig, Trainer, ema_decay
+from neuralil_fast.training.loop import TrainConfig, Trainer, _loss_fn, ema_decay
 
 SPECIES = ("H", "O")
 R_CUT = 3.0
@@ -254,6 +256,83 @@ def test_forces_only_fits_energy_offset(configs):
     assert abs(np.sum(resid * n)) / np.sum(n * np.abs(resid)) < 1e-3
 
 
+def _without_forces(c):
+    return Configuration(symbols=c.symbols, positions=c.positions, cell=c.cell, pbc=c.pbc,
+                         energy=c.energy)
+
+
+def test_configurations_without_forces_enter_only_the_energy_term(configs, dtype, tol):
+    """Configurations 1 and 3 of four carry no forces: the loss (and its gradient) is the
+    force term of configurations 0 and 2 plus the energy term of all four, each computed
+    on fully labelled data; validation metrics likewise; their zero stand-in forces never
+    count (a garbage stand-in changes nothing)."""
+    model = tiny_model()
+    np_dtype = np.dtype(jnp.dtype(dtype).name)
+    four = configs[:4]
+    mixed = [c if k % 2 == 0 else _without_forces(c) for k, c in enumerate(four)]
+
+    def pad(cs):  # one shape for every set: one compilation per loss
+        return pad_configurations(cs, model.species, model.r_cut, "reference", np_dtype,
+                                  max_atoms=8, capacity=160)
+
+    data, full = pad(mixed), pad(four)
+    assert list(np.asarray(data.force_mask)) == [1, 0, 1, 0]
+    assert not np.any(np.asarray(data.forces)[[1, 3]])
+    params = stack([model.init(jax.random.key(3), dtype)])
+    idx = jnp.arange(4, dtype=jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def loss_and_grad(loss, data, weight):
+        return jax.value_and_grad(lambda p: _loss_fn(model, "reference", loss, p, data, idx,
+                                                     weight)[0])(params)
+
+    ones, even = jnp.ones(4, dtype), jnp.asarray([1, 0, 1, 0], dtype)
+    l_mixed, g_mixed = loss_and_grad(LossConfig(), data, ones)
+    l_f, g_f = loss_and_grad(LossConfig(energy_weight=0.0), full, even)  # forces of 0 and 2
+    l_e, g_e = loss_and_grad(LossConfig(force_weight=0.0), full, ones)
+    assert float(l_f) > 0.1 * float(l_e) > 0  # both terms matter in the sum
+    np.testing.assert_allclose(float(l_mixed), float(l_f + l_e), rtol=tol["rtol"])
+    for a, b, c in zip(jax.tree.leaves(g_mixed), jax.tree.leaves(g_f), jax.tree.leaves(g_e)):
+        scale = float(jnp.max(jnp.abs(b + c))) + 1e-30
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b + c), rtol=tol["rtol"],
+                                   atol=10 * tol["atol"] * scale)
+    garbage = dataclasses.replace(data, forces=np.where(
+        np.asarray(data.force_mask)[:, None, None] > 0, data.forces, 1e3).astype(np_dtype))
+    assert float(loss_and_grad(LossConfig(), garbage, ones)[0]) == float(l_mixed)
+
+    def validate(train, valid):
+        trainer = Trainer(model, train, valid, TrainConfig(backend="reference"))
+        return trainer, trainer.validate(params)["all"]
+
+    trainer, got = validate(data, data)
+    _, labelled = validate(full, pad([four[0], four[2]] * 2))  # the mean over 0 and 2
+    _, everything = validate(full, full)
+    for key in ("force_mae_mev_A", "force_rmse_mev_A"):
+        np.testing.assert_allclose(got[key], labelled[key], rtol=tol["rtol"])
+        assert not np.isclose(got[key], everything[key], rtol=1e-3)
+    np.testing.assert_allclose(got["energy_mae_mev_atom"], everything["energy_mae_mev_atom"],
+                               rtol=tol["rtol"])
+    assert trainer.selection_key == "force_mae_mev_A"
+
+
+def test_training_without_any_forces(configs):
+    """Energy-only data: force-trained runs refuse it; energy-only runs select on energy."""
+    model = tiny_model()
+    data = pad_configurations([_without_forces(c) for c in configs[:4]], model.species,
+                              model.r_cut, "reference")
+    with pytest.raises(ValueError, match="no training configuration carries forces"):
+        Trainer(model, data, None, TrainConfig(backend="reference"))
+    trainer = Trainer(model, data, data, TrainConfig(epochs=1, batch_size=4, backend="reference",
+                                                     loss=LossConfig(force_weight=0.0)))
+    state = trainer.fit(trainer.init_state())
+    metrics = state.history[0]["valid"]["all"]
+    assert "force_mae_mev_A" not in metrics and trainer.selection_key == "energy_mae_mev_atom"
+    assert state.best_metric == metrics["energy_mae_mev_atom"] > 0
+    labelled = pad_configurations(configs[:4], model.species, model.r_cut, "reference")
+    forces_train = Trainer(model, labelled, data, TrainConfig(backend="reference"))
+    assert forces_train.selection_key == "energy_mae_mev_atom"  # nothing else to follow
+
+
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
 def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch, cap):
     """Whole-set and chunked (last chunk padded) predictions of a committee (members
@@ -425,6 +504,27 @@ def test_ablation_options_build_the_right_model(tmp_path, xyz):
     assert model.element_resolved is False and model.activation == "selu"
 
 
+def test_cli_trains_on_data_with_and_without_forces(tmp_path, configs, capsys):
+    """Energy-only data trains with --energy-only (no force metrics, none made up); data
+    where some configurations lack forces trains on both, saying how many lack them."""
+    energy_only = write_extxyz(tmp_path / "e.extxyz", [_without_forces(c) for c in configs[:11]])
+    out, log = tmp_path / "e.nil", tmp_path / "log.json"
+    capsys.readouterr()
+    assert cli([energy_only, "--out", out, "--epochs", 1, "--energy-only", "--log", log,
+                *COMMON]) == 0
+    assert "force MAE n/a;" in capsys.readouterr().out
+    valid = json.loads(log.read_text())["final"]["valid"]["all"]
+    assert valid["n_configs"] == 3 and "force_mae_mev_A" not in valid
+    mixed = write_extxyz(tmp_path / "m.extxyz",
+                         [c if k % 3 else _without_forces(c) for k, c in enumerate(configs[:11])])
+    assert cli([mixed, "--out", out, "--epochs", 1, "--log", log, *COMMON]) == 0
+    log = json.loads(log.read_text())
+    lacking = [k for k in log["train_ids"] if k % 3 == 0]
+    note = capsys.readouterr().err
+    assert f"note: {len(lacking)} of 8 training and {4 - len(lacking)} of 3 validation" in note
+    assert "force_mae_mev_A" in log["final"]["valid"]["all"]
+
+
 def test_core_repulsion_option_takes_the_training_closest_approach(tmp_path, xyz, configs):
     out, log = tmp_path / "core.nil", tmp_path / "log.json"
     assert cli([xyz, "--out", out, "--epochs", 1, "--core-repulsion", "--log", log,
@@ -493,6 +593,8 @@ def test_bad_input_fails_before_training(tmp_path, configs, capsys):
     for flag in ("--state", "--log", "--parity"):
         check([good, "--species-sequence", *seq, *common, flag, tmp_path / "no" / "file"],
               f"{flag}: folder")
+    no_forces = write_extxyz(tmp_path / "no_forces.extxyz", [_without_forces(c) for c in same])
+    check([no_forces, *common], "carries no forces: train on energies with --energy-only")
     empty = tmp_path / "empty_frame.extxyz"  # an empty frame: its energy per atom is 0 / 0
     frames = [to_atoms(c) for c in same] + [Atoms(cell=same[0].cell, pbc=True)]
     frames[-1].calc = SinglePointCalculator(frames[-1], energy=0.0, forces=np.zeros((0, 3)))

@@ -20,8 +20,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="training data: extxyz (or any ASE format with energy and "
-                   "forces) or NeuralIL JSON Lines")
+    p.add_argument("data", help="training data: extxyz (or any ASE format with energies, and "
+                   "forces where known) or NeuralIL JSON Lines")
     p.add_argument("--species", nargs="+", required=True, help="element symbols of the model")
     p.add_argument("--out", required=True, help="where to write the trained model (nf.save format)")
     p.add_argument("--valid", help="validation data (else a random split of DATA)")
@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="logcosh-norm",
                    choices=("logcosh-norm", "logcosh-components", "mse"))
     only = p.add_mutually_exclusive_group()
-    only.add_argument("--energy-only", action="store_true", help="train on energies only")
+    only.add_argument("--energy-only", action="store_true",
+                      help="train on energies only (the data may lack forces)")
     only.add_argument("--forces-only", action="store_true",
                       help="train on forces only, fit the energy offset afterwards")
     p.add_argument("--force-weight", type=float, default=0.5)
@@ -106,11 +107,33 @@ def _read(path, args, species):
         seq = args.species_sequence[0] if len(args.species_sequence) == 1 and \
             os.path.isfile(args.species_sequence[0]) else tuple(args.species_sequence)
     try:
-        return read_dataset(path, species_sequence=seq, species=species)
+        # forces are optional: configurations without them train on their energy only
+        return read_dataset(path, species_sequence=seq, species=species,
+                            require_labels=("energy",))
     except FileNotFoundError as err:
         _fail(str(err))
     except ValueError as err:
         _fail(str(err).splitlines()[0])
+
+
+def _check_forces(loss, train_configs, valid_configs):
+    """Fail when the loss needs forces that no training configuration carries; say how
+    many configurations lack forces (they enter the energy term and metrics only)."""
+    n_train = sum(c.forces is None for c in train_configs)
+    n_valid = sum(c.forces is None for c in valid_configs)
+    if loss.uses_forces and n_train == len(train_configs):
+        _fail("the training data carries no forces: train on energies with --energy-only")
+    if loss.uses_forces and (n_train or n_valid):
+        print(f"note: {n_train} of {len(train_configs)} training and {n_valid} of "
+              f"{len(valid_configs)} validation configurations carry no forces: they enter "
+              "the energy term and the energy metrics only", file=sys.stderr)
+    if loss.uses_forces and n_valid == len(valid_configs) and valid_configs:
+        print("note: the validation data carries no forces: keep-best and early stopping "
+              "follow the validation energy MAE", file=sys.stderr)
+
+
+def _fmt(metrics: dict, key: str, spec: str, unit: str) -> str:
+    return f"{metrics[key]:{spec}} {unit}" if key in metrics else "n/a"
 
 
 def _write_json(path, obj):
@@ -188,6 +211,7 @@ def run(args) -> int:
     bad = [k for k in args.outliers if not 0 <= k < len(configs)]
     if bad:
         _fail(f"--outliers: indices {bad} are outside 0..{len(configs) - 1}")
+    _check_forces(loss, train_configs, valid_configs)
     with jax.enable_x64(args.dtype == "float64"):
         return _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids,
                       out, state_path)
@@ -262,10 +286,11 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
         if st.planned_steps and bar.total != st.planned_steps // trainer.steps_per_epoch:
             bar.total = st.planned_steps // trainer.steps_per_epoch  # the planned run
         bar.update(1)
-        bar.set_postfix(loss=f"{entry['train_loss']:.4g}",
-                        F=f"{v.get('force_mae_mev_A', math.nan):.1f}meV/Å",
-                        E=f"{v.get('energy_mae_mev_atom', math.nan):.2f}meV/at",
-                        t=f"{time.perf_counter() - t0:.0f}s")
+        shown = {"loss": f"{entry['train_loss']:.4g}"}
+        if "force_mae_mev_A" in v:
+            shown["F"] = f"{v['force_mae_mev_A']:.1f}meV/Å"
+        shown["E"] = f"{v.get('energy_mae_mev_atom', math.nan):.2f}meV/at"
+        bar.set_postfix(shown, t=f"{time.perf_counter() - t0:.0f}s")
 
     model_epoch = [None]
 
@@ -290,10 +315,11 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     if args.log:
         _write_json(args.log, log)
     if args.parity:
+        from .data import force_atom_mask
         from .plots import parity_plot
 
         E, F = trainer.predict(final, trainer.valid)
-        mask = np.asarray(valid.atom_mask, bool)
+        mask = np.asarray(force_atom_mask(valid), bool)
         n = np.asarray(valid.n_atoms, np.float64)
         e_ref = np.array([c.energy for c in valid_configs]) / n
         parity_plot(args.parity, np.asarray(valid.forces)[mask], F.mean(1)[mask], e_ref,
@@ -301,11 +327,11 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                     highlight=np.isin(valid_ids, args.outliers) if args.outliers else None)
     m = final_metrics.get("all", {})
     print(f"trained {state.epoch} epochs ({state.elapsed:.0f} s); best epoch {state.best_epoch}; "
-          f"validation energy MAE {m.get('energy_mae_mev_atom', math.nan):.3f} meV/atom, "
-          f"force MAE {m.get('force_mae_mev_A', math.nan):.2f} meV/Å; wrote {out}")
+          f"validation energy MAE {_fmt(m, 'energy_mae_mev_atom', '.3f', 'meV/atom')}, "
+          f"force MAE {_fmt(m, 'force_mae_mev_A', '.2f', 'meV/Å')}; wrote {out}")
     if "without_outliers" in final_metrics:
         w = final_metrics["without_outliers"]
         print(f"without outliers {list(args.outliers)}: energy MAE "
-              f"{w.get('energy_mae_mev_atom', math.nan):.3f} meV/atom, force MAE "
-              f"{w.get('force_mae_mev_A', math.nan):.2f} meV/Å")
+              f"{_fmt(w, 'energy_mae_mev_atom', '.3f', 'meV/atom')}, force MAE "
+              f"{_fmt(w, 'force_mae_mev_A', '.2f', 'meV/Å')}")
     return 0

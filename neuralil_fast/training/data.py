@@ -9,6 +9,8 @@ once:
     cell (C, 3, 3) Å            species (C, N) int32   atom_mask (C, N) 0/1
     centers/neighbors (C, P)    padding pairs carry centre = neighbour = N
     shifts (C, P, 3) int32      energy (C,) eV   forces (C, N, 3) eV/Å   n_atoms (C,)
+    force_mask (C,) 0/1         1 where the configuration carries forces (else its
+                                forces are zeros and enter no loss or metric)
 
 N is the largest atom count, P the largest pair count (or a given capacity).
 """
@@ -23,7 +25,8 @@ import numpy as np
 from ..geometry import species_indices
 from ..neighbors import allocate
 
-__all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach"]
+__all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
+           "force_atom_mask"]
 
 
 @jax.tree_util.register_dataclass
@@ -39,6 +42,7 @@ class PaddedData:
     energy: jax.Array
     forces: jax.Array
     n_atoms: jax.Array
+    force_mask: jax.Array
 
     def __len__(self):
         return int(self.positions.shape[0])
@@ -50,6 +54,11 @@ class PaddedData:
     @property
     def capacity(self) -> int:
         return int(self.centers.shape[1])
+
+
+def force_atom_mask(data: PaddedData):
+    """(C, N) 0/1: the atoms whose forces are labelled (real atoms of configurations with forces)."""
+    return data.atom_mask * data.force_mask[:, None]
 
 
 def take(data: PaddedData, idx) -> PaddedData:
@@ -91,16 +100,17 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
     """Stack ``io.Configuration`` objects into a :class:`PaddedData` of numpy arrays.
 
     species: the model's element symbols (index order); r_cut Å: the model's cutoff.
-    Raises ValueError for configurations without energy or forces or without atoms, or
-    with elements outside ``species``.
+    A configuration without forces gets zero forces and ``force_mask`` 0.
+    Raises ValueError for configurations without an energy or without atoms, or with
+    elements outside ``species``.
     """
     if not configs:
         raise ValueError("no configurations to pad")
     n_max = max(c.n_atoms for c in configs) if max_atoms is None else int(max_atoms)
     pairs = []
     for k, c in enumerate(configs):
-        if c.energy is None or c.forces is None:
-            raise ValueError(f"configuration {k} lacks an energy or forces")
+        if c.energy is None:
+            raise ValueError(f"configuration {k} lacks an energy")
         if c.n_atoms == 0:  # its energy per atom, a loss term, would be 0 / 0
             raise ValueError(f"configuration {k} has no atoms")
         if c.n_atoms > n_max:
@@ -121,6 +131,7 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
         neighbors=np.full((C, p_max), n_max, np.int32),
         shifts=np.zeros((C, p_max, 3), np.int32), energy=np.zeros((C,), np.float64),
         forces=np.zeros((C, n_max, 3), dtype), n_atoms=np.zeros((C,), dtype),
+        force_mask=np.zeros((C,), dtype),
     )
     for k, (c, (sp, ci, nj, S)) in enumerate(zip(configs, pairs)):
         n, p = c.n_atoms, len(ci)
@@ -134,7 +145,9 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
         out["neighbors"][k, :p] = nj
         out["shifts"][k, :p] = S
         out["energy"][k] = c.energy
-        out["forces"][k, :n] = c.forces
+        if c.forces is not None:
+            out["forces"][k, :n] = c.forces
+            out["force_mask"][k] = 1
         out["n_atoms"][k] = n
     out["energy"] = out["energy"].astype(dtype)
     return PaddedData(**out)

@@ -45,7 +45,7 @@ import optax
 from ..backends import resolve_backend
 from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
-from .data import PaddedData, take, to_device
+from .data import PaddedData, force_atom_mask, take, to_device
 from .losses import LossConfig, total_loss
 
 __all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "ema_decay",
@@ -183,7 +183,7 @@ def _loss_fn(model, backend, loss, params, data, idx, weight):
     E, F = _evaluate_batch(model, backend, params, batch)
     per_member = jax.vmap(
         lambda e, f: total_loss(loss, e, batch.energy, batch.n_atoms, weight, f, batch.forces,
-                                batch.atom_mask))(E, F)
+                                force_atom_mask(batch)))(E, F)
     return jnp.sum(per_member), per_member
 
 
@@ -242,19 +242,24 @@ PREDICT_ATOMS = 16384
 
 
 def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask) -> dict:
-    """MAE / RMSE of energies (meV/atom) and force components (meV/Å), numpy float64."""
+    """MAE / RMSE of energies (meV/atom) and force components (meV/Å), numpy float64.
+
+    atom_mask (C, N): the atoms with labelled forces; without any, no force entries.
+    """
     dE = (np.asarray(energy_pred, np.float64) - np.asarray(energy_ref, np.float64)) / n_atoms
     m = np.asarray(atom_mask, bool)
     dF = (np.asarray(forces_pred, np.float64) - np.asarray(forces_ref, np.float64))[m]
     if dE.size == 0:
         return {"n_configs": 0}
-    return {
+    out = {
         "n_configs": int(dE.size),
         "energy_mae_mev_atom": float(1e3 * np.mean(np.abs(dE))),
         "energy_rmse_mev_atom": float(1e3 * np.sqrt(np.mean(dE**2))),
-        "force_mae_mev_A": float(1e3 * np.mean(np.abs(dF))),
-        "force_rmse_mev_A": float(1e3 * np.sqrt(np.mean(dF**2))),
     }
+    if dF.size:
+        out["force_mae_mev_A"] = float(1e3 * np.mean(np.abs(dF)))
+        out["force_rmse_mev_A"] = float(1e3 * np.sqrt(np.mean(dF**2)))
+    return out
 
 
 class Trainer:
@@ -287,6 +292,13 @@ class Trainer:
                                           else valid_energy64, np.float64))
         self.train_energy64 = np.asarray(train.energy if train_energy64 is None
                                          else train_energy64, np.float64)
+        if cfg.loss.uses_forces and not np.any(np.asarray(train.force_mask)):
+            raise ValueError("no training configuration carries forces: train on energies "
+                             "only (force weight 0, --energy-only)")
+        # keep-best and early stopping follow the force MAE where there is one to follow
+        valid_forces = self.valid is not None and bool(np.any(np.asarray(valid.force_mask)))
+        self.selection_key = ("force_mae_mev_A" if cfg.loss.uses_forces and valid_forces
+                              else "energy_mae_mev_atom")
 
     # ------------------------------------------------------------------ jitted pieces
     # Module-level jitted functions with hashable static settings: a second Trainer with
@@ -334,7 +346,7 @@ class Trainer:
         E, F = self.predict(params, self.valid)
         v = self.valid
         args = (E.mean(1), self.valid_energy64, np.asarray(v.n_atoms, np.float64), F.mean(1),
-                np.asarray(v.forces), np.asarray(v.atom_mask))
+                np.asarray(v.forces), np.asarray(force_atom_mask(v)))
         out = {"all": metrics(*args)}
         if self.outliers and self.valid_ids is not None:
             keep = ~np.isin(self.valid_ids, self.outliers)
@@ -451,9 +463,7 @@ class Trainer:
         return float(np.mean(np.stack([np.asarray(l) for l in losses])))
 
     def selection_metric(self, valid: dict) -> float:
-        m = valid.get("all", {})
-        key = "force_mae_mev_A" if self.cfg.loss.uses_forces else "energy_mae_mev_atom"
-        return float(m.get(key, math.nan))
+        return float(valid.get("all", {}).get(self.selection_key, math.nan))
 
     def fit(self, state: TrainState, state_path=None, on_epoch=None, on_checkpoint=None,
             checkpoint_seconds: float = 0.0) -> TrainState:

@@ -26,7 +26,8 @@ def parity_plot(path, forces_ref, forces_pred, energy_ref, energy_pred, title=No
                 highlight=None):
     """Write a two-panel PNG: force components (eV/Å) and energies per atom (eV/atom).
 
-    forces_*: (M, 3) or flat arrays of real atoms; energy_*: (C,) per-atom energies.
+    forces_*: (M, 3) or flat arrays of the atoms with force labels (M may be 0);
+    energy_*: (C,) per-atom energies.
     highlight: optional (C,) bool, configurations drawn in another colour (outliers).
     """
     plt = require_matplotlib()
@@ -34,13 +35,17 @@ def parity_plot(path, forces_ref, forces_pred, energy_ref, energy_pred, title=No
     er, ep = np.asarray(energy_ref, float), np.asarray(energy_pred, float)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     ax = axes[0]
-    ax.scatter(fr, fp, s=2, alpha=0.35, color="tab:blue", rasterized=True)
-    lim = [min(fr.min(), fp.min()), max(fr.max(), fp.max())]
-    ax.plot(lim, lim, "k--", lw=0.8)
-    mae = 1e3 * np.mean(np.abs(fp - fr))
+    if fr.size:
+        ax.scatter(fr, fp, s=2, alpha=0.35, color="tab:blue", rasterized=True)
+        lim = [min(fr.min(), fp.min()), max(fr.max(), fp.max())]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        mae = 1e3 * np.mean(np.abs(fp - fr))
+        ax.set_title(f"forces: MAE {mae:.1f} meV/Å")
+    else:
+        ax.text(0.5, 0.5, "no force labels", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("forces")
     ax.set_xlabel("reference force component (eV/Å)")
     ax.set_ylabel("predicted force component (eV/Å)")
-    ax.set_title(f"forces: MAE {mae:.1f} meV/Å")
     ax = axes[1]
     hl = np.zeros(len(er), bool) if highlight is None else np.asarray(highlight, bool)
     ax.scatter(er[~hl], ep[~hl], s=14, color="tab:orange", label="configurations")
