@@ -47,6 +47,7 @@ import functools
 import math
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -234,13 +235,17 @@ class NeuralILFix:
     def _callback(self, caller, ntimestep, nlocal, tag, x, f):
         try:
             self._compute(int(nlocal), f)
-        except BaseException:  # noqa: BLE001 - anything must stop the run
+        except BaseException as err:  # noqa: BLE001 - anything must stop the run
             rank = self.comm.Get_rank()
+            # One write, the error in its first line: the first rank to abort kills the
+            # others mid-write, and the launcher may drop what it has not relayed yet.
+            summary = "".join(traceback.format_exception_only(err)).strip().splitlines()[-1]
             sys.stderr.write(f"neuralil_fast.lammps: rank {rank}: error in the force callback "
-                             f"at step {ntimestep}; aborting the run\n")
-            traceback.print_exc()
+                             f"at step {ntimestep} ({summary}); aborting the run\n"
+                             + traceback.format_exc())
             sys.stderr.flush()
             sys.stdout.flush()
+            time.sleep(0.2)  # lets the launcher relay the message before the abort
             self._abort()
 
     def _abort(self):  # pragma: no cover - ends the process

@@ -176,7 +176,9 @@ print("RUN FINISHED")
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "RUN FINISHED" not in proc.stdout
-    assert "deliberate failure" in proc.stderr and "aborting the run" in proc.stderr
+    # the error is named in the one line each rank writes before aborting
+    assert "(RuntimeError: deliberate failure" in proc.stderr, proc.stderr
+    assert "aborting the run" in proc.stderr
 
 
 @needs_lammps
