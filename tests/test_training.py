@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -331,6 +332,118 @@ def test_training_without_any_forces(configs):
     labelled = pad_configurations(configs[:4], model.species, model.r_cut, "reference")
     forces_train = Trainer(model, labelled, data, TrainConfig(backend="reference"))
     assert forces_train.selection_key == "energy_mae_mev_atom"  # nothing else to follow
+
+
+# --------------------------------------------------------------------------- size groups
+
+
+def test_size_groups_minimise_padded_slots_like_brute_force():
+    """The dynamic programme against every split of the sorted atom counts into runs."""
+    import itertools
+    from types import SimpleNamespace
+
+    from neuralil_fast.training.data import size_groups
+
+    def padded(n, counts_by_size, groups, batch):
+        return sum(math.ceil(len(g) / batch) * batch * max(n[g]) for g in groups)
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = rng.integers(1, 40, size=int(rng.integers(1, 20)))
+        G, B = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        data = SimpleNamespace(n_atoms=n, max_atoms=int(n.max()), capacity=7,
+                               centers=np.where(np.arange(7) < n[:, None] % 8, 0, n.max()))
+        got = size_groups(data, G, B)
+        assert len(got) <= G
+        assert sorted(np.concatenate([g.indices for g in got]).tolist()) == list(range(len(n)))
+        for g in got if G > 1 else ():
+            assert g.atoms == n[g.indices].max()
+            assert g.pairs == max(1, (n[g.indices] % 8).clip(max=7).max())
+        sizes = np.unique(n)
+        best = min(
+            padded(n, None, [np.flatnonzero((n >= sizes[a]) & (n <= sizes[b - 1]))
+                             for a, b in zip((0, *cuts), (*cuts, len(sizes)))], B)
+            for k in range(min(G, len(sizes)))
+            for cuts in itertools.combinations(range(1, len(sizes)), k))
+        assert padded(n, None, [g.indices for g in got], B) == best
+        if G == 1:
+            assert got[0].atoms == n.max() and got[0].pairs == 7
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes():
+    """Twelve configurations of 3-4 and 10-11 atoms: two natural size groups."""
+    small, large = lj_configs(6, seed=4, sizes=(3, 4)), lj_configs(6, seed=5, sizes=(10, 11))
+    return [c for pair in zip(small, large) for c in pair]
+
+
+def test_narrowed_batch_gives_the_same_loss_and_gradient(mixed_sizes, dtype, tol):
+    """A batch of small configurations on arrays narrowed to their window = on the full,
+    padded arrays (loss and parameter gradient)."""
+    from neuralil_fast.training.data import narrow, size_groups
+
+    model = tiny_model()
+    np_dtype = np.dtype(jnp.dtype(dtype).name)
+    data = pad_configurations(mixed_sizes, model.species, model.r_cut, "reference", np_dtype)
+    small = size_groups(data, 2, 4)[0]
+    assert small.atoms <= 4 < data.max_atoms and small.pairs < data.capacity
+    idx = jnp.asarray(small.indices[:4], jnp.int32)
+    params = stack([model.init(jax.random.key(5), dtype)])
+    w = jnp.ones(4, dtype)
+
+    def value_and_grad(window):
+        return jax.jit(jax.value_and_grad(lambda p: _loss_fn(
+            model, "reference", LossConfig(), p, data, idx, w, window)[0]))(params)
+
+    (l_full, g_full), (l_narrow, g_narrow) = value_and_grad(None), value_and_grad(
+        (small.atoms, small.pairs))
+    assert float(l_full) > 0
+    np.testing.assert_allclose(float(l_narrow), float(l_full), rtol=tol["rtol"])
+    for a, b in zip(jax.tree.leaves(g_narrow), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol["rtol"],
+                                   atol=tol["atol"] * float(jnp.max(jnp.abs(b)) + 1e-30))
+    narrowed = narrow(take(data, idx), small.atoms, small.pairs)
+    assert narrowed.positions.shape[1] == small.atoms
+    assert int(jnp.max(narrowed.centers)) == small.atoms  # padding rows point past the atoms
+
+
+def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
+    """With size groups: every configuration once per epoch, each batch from one group;
+    predictions equal the ungrouped ones; a resumed run repeats the uninterrupted one."""
+    model = tiny_model()
+    data = pad_configurations(mixed_sizes, model.species, model.r_cut, "reference", np.float64)
+    train, valid = take(data, np.arange(9)), take(data, np.arange(9, 12))
+
+    def trainer(groups, epochs=2):
+        return Trainer(model, train, valid, TrainConfig(epochs=epochs, batch_size=3,
+                                                        backend="reference",
+                                                        size_groups=groups))
+
+    grouped, plain = trainer(2), trainer(1)
+    assert len(grouped.train_groups) == 2 and len(plain.train_groups) == 1
+    sizes = np.asarray(train.n_atoms)
+    for epoch in range(3):
+        batches = grouped.epoch_batches(epoch)
+        assert len(batches) == grouped.steps_per_epoch
+        seen = np.concatenate([idx for idx, _, _ in batches])
+        assert sorted(seen.tolist()) == list(range(9))
+        for idx, pad, (atoms, _) in batches:
+            assert sizes[idx].max() <= atoms and sizes[pad] <= atoms
+    orders = [np.concatenate([b[0] for b in grouped.epoch_batches(e)]) for e in (0, 1)]
+    assert not np.array_equal(*orders)  # a new order each epoch
+    params = stack([model.init(jax.random.key(6), jnp.float64)])
+    for data_set in (train, grouped.valid):
+        (E1, F1), (E2, F2) = grouped.predict(params, data_set), plain.predict(params, data_set)
+        np.testing.assert_allclose(E1, E2, rtol=1e-12)
+        np.testing.assert_allclose(F1, F2, rtol=1e-10, atol=1e-12)
+
+    whole = grouped.fit(grouped.init_state())
+    first = trainer(2, epochs=1)
+    state = first.fit(first.init_state(), state_path=tmp_path / "s.state")
+    again = trainer(2)
+    resumed = again.fit(again.load_state(tmp_path / "s.state"))
+    assert _params_equal(resumed.params, whole.params)
+    assert not _params_equal(whole.params, plain.fit(plain.init_state()).params)
 
 
 @pytest.mark.parametrize("cap", [8, 24, 10**6])

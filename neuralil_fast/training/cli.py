@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="keep an exponential moving average of the parameters (decay per "
                         "step, e.g. 0.99); validation, keep-best and the saved model use it")
+    p.add_argument("--size-groups", type=int, default=1, metavar="G",
+                   help="data of mixed sizes: draw each batch from one of up to G groups of "
+                        "similar atom counts, padded to its own largest (one compilation "
+                        "per group; default 1: every batch padded to the largest "
+                        "configuration)")
     p.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "numba", "triton"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -130,6 +135,27 @@ def _check_forces(loss, train_configs, valid_configs):
     if loss.uses_forces and n_valid == len(valid_configs) and valid_configs:
         print("note: the validation data carries no forces: keep-best and early stopping "
               "follow the validation energy MAE", file=sys.stderr)
+
+
+def _padding_note(train, cfg):
+    """Say when most atom slots of the training batches are padding, and what size groups
+    would leave (data of mixed sizes)."""
+    from .data import size_groups
+
+    def fill(groups):
+        batch = min(cfg.batch_size, len(train))
+        slots = sum(math.ceil(len(g.indices) / batch) * batch * g.atoms for g in groups)
+        return float(np.sum(np.asarray(train.n_atoms))) / slots
+
+    now = fill(size_groups(train, cfg.size_groups, min(cfg.batch_size, len(train))))
+    if now < 0.5:
+        hint = ""
+        if cfg.size_groups < 4:
+            four = fill(size_groups(train, 4, min(cfg.batch_size, len(train))))
+            hint = f"; --size-groups 4 would make it {100 * four:.0f}%"
+        print(f"note: real atoms fill {100 * now:.0f}% of the training batches' atom slots "
+              f"(configurations of mixed sizes, padded to the largest in their group){hint}",
+              file=sys.stderr)
 
 
 def _fmt(metrics: dict, key: str, spec: str, unit: str) -> str:
@@ -235,7 +261,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                           weight_decay=args.weight_decay, schedule=args.schedule,
                           warmup_epochs=args.warmup_epochs, patience=args.patience,
                           max_minutes=args.max_minutes, backend=backend, loss=loss,
-                          ema=args.ema)
+                          ema=args.ema, size_groups=args.size_groups)
     except ValueError as err:
         _fail(str(err))
     dtype = np.float64 if args.dtype == "float64" else np.float32
@@ -250,6 +276,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                                   progress=bar.update)
     n_train = len(train_configs)
     train = take(data, np.arange(n_train))
+    _padding_note(train, cfg)
     valid = take(data, np.arange(n_train, len(all_configs)))
     if args.core_repulsion:
         import dataclasses

@@ -26,7 +26,7 @@ from ..geometry import species_indices
 from ..neighbors import allocate
 
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
-           "force_atom_mask"]
+           "force_atom_mask", "SizeGroup", "size_groups", "narrow"]
 
 
 @jax.tree_util.register_dataclass
@@ -64,6 +64,84 @@ def force_atom_mask(data: PaddedData):
 def take(data: PaddedData, idx) -> PaddedData:
     """Rows ``idx`` of every array (works inside jit)."""
     return jax.tree.map(lambda a: a[idx], data)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeGroup:
+    """Configurations ``indices`` (into a PaddedData) that fit ``atoms`` atom slots and
+    ``pairs`` pair slots: their batches run on arrays narrowed to that window."""
+
+    atoms: int
+    pairs: int
+    indices: np.ndarray
+
+
+def size_groups(data: PaddedData, max_groups: int, batch: int) -> list[SizeGroup]:
+    """Split the configurations of ``data`` by atom count into at most ``max_groups``
+    groups, smallest first, minimising the atom slots an epoch computes.
+
+    An epoch runs ceil(n_g / batch) batches of ``batch`` rows, each padded to its group's
+    largest atom count a_g: the cost Σ_g ceil(n_g / batch) batch a_g is minimised over
+    the splits of the sorted atom counts into contiguous runs (dynamic programming over
+    the distinct counts).  One group (``max_groups`` 1) is the whole set at full size.
+    """
+    n_atoms = np.asarray(data.n_atoms).astype(np.int64)
+    n_pairs = np.sum(np.asarray(data.centers) < data.max_atoms, axis=1)
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    if max_groups == 1 or len(n_atoms) == 0:
+        return [SizeGroup(data.max_atoms, data.capacity, np.arange(len(n_atoms)))]
+    sizes, counts = np.unique(n_atoms, return_counts=True)
+    m = len(sizes)
+    upto = np.concatenate([[0], np.cumsum(counts)])        # configurations below size i
+
+    def cost(i, j):  # sizes[i..j] as one group (vectorised over i)
+        return np.ceil((upto[j + 1] - upto[i]) / batch) * batch * sizes[j]
+
+    # best[g][j]: the least cost of sizes[0..j] in exactly g + 1 groups; start[g][j]: the
+    # first size of the last of those groups
+    best = [cost(0, np.arange(m)).astype(float)]
+    start = [np.zeros(m, np.int64)]
+    for g in range(1, min(max_groups, m)):
+        b, st = np.full(m, np.inf), np.zeros(m, np.int64)
+        for j in range(g, m):
+            i = np.arange(g, j + 1)
+            total = best[g - 1][i - 1] + cost(i, j)
+            k = int(np.argmin(total))
+            b[j], st[j] = total[k], i[k]
+        best.append(b)
+        start.append(st)
+    g = int(np.argmin([b[m - 1] for b in best]))      # fewest groups among equal costs
+    groups, j = [], m - 1
+    while g >= 0:
+        i = int(start[g][j])
+        members = np.flatnonzero((n_atoms >= sizes[i]) & (n_atoms <= sizes[j]))
+        groups.append(SizeGroup(int(sizes[j]), max(1, int(n_pairs[members].max())), members))
+        j, g = i - 1, g - 1
+    return groups[::-1]
+
+
+def narrow(batch: PaddedData, atoms: int, pairs: int) -> PaddedData:
+    """The first ``atoms`` atom slots and ``pairs`` pair slots of every configuration.
+
+    Valid for configurations of at most ``atoms`` atoms and ``pairs`` pairs (a
+    :class:`SizeGroup`): their real atoms and pairs come first, and the padding index
+    N of the pair rows becomes ``atoms``.  Works inside jit (static sizes).
+    """
+    N, P = batch.positions.shape[1], batch.centers.shape[1]
+    if atoms == N and pairs == P:
+        return batch
+    atom_slots = slice(None), slice(0, atoms)
+    pair_slots = slice(None), slice(0, pairs)
+
+    def index(a):
+        return jnp.minimum(a[pair_slots], atoms)
+
+    return dataclasses.replace(
+        batch, positions=batch.positions[atom_slots], species=batch.species[atom_slots],
+        atom_mask=batch.atom_mask[atom_slots], forces=batch.forces[atom_slots],
+        centers=index(batch.centers), neighbors=index(batch.neighbors),
+        shifts=batch.shifts[pair_slots])
 
 
 def host_pairs(conf, r_cut: float, backend: str):

@@ -45,7 +45,8 @@ import optax
 from ..backends import resolve_backend
 from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
-from .data import PaddedData, force_atom_mask, take, to_device
+from .data import (PaddedData, SizeGroup, force_atom_mask, narrow, size_groups, take,
+                   to_device)
 from .losses import LossConfig, total_loss
 
 __all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "ema_decay",
@@ -76,6 +77,8 @@ class TrainConfig:
     fit_offset: bool = True       # least-squares energy offset at the start (and at the end
     #                               when the energy is not trained on)
     ema: float | None = None      # decay per step of the parameter average (None: no average)
+    size_groups: int = 1          # batches drawn within up to this many groups of similar
+    #                               atom counts, each padded to its own largest (data.size_groups)
 
     def __post_init__(self):
         if self.epochs is None and self.max_minutes is None:
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError("patience must be >= 1 epochs")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError("max_minutes must be > 0")
+        if self.size_groups < 1:
+            raise ValueError(f"size_groups must be >= 1, got {self.size_groups}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema (the decay of the parameter average) must be in (0, 1), "
                              f"got {self.ema}")
@@ -106,6 +111,8 @@ class TrainConfig:
             d.pop(k)
         if d["ema"] is None:   # states written before the average existed stay resumable
             d.pop("ema")
+        if d["size_groups"] == 1:  # likewise for the size groups
+            d.pop("size_groups")
         d["loss"] = dataclasses.asdict(self.loss)
         return d
 
@@ -177,9 +184,12 @@ def _evaluate_batch(model, backend, params, batch):
     return out["energy"], out["forces"]
 
 
-def _loss_fn(model, backend, loss, params, data, idx, weight):
-    """(sum over members, per-member losses (K,)) of the batch ``idx`` of ``data``."""
+def _loss_fn(model, backend, loss, params, data, idx, weight, window=None):
+    """(sum over members, per-member losses (K,)) of the batch ``idx`` of ``data``;
+    ``window`` (atoms, pairs): the slots its configurations fit in (see ``narrow``)."""
     batch = take(data, idx)
+    if window is not None:
+        batch = narrow(batch, *window)
     E, F = _evaluate_batch(model, backend, params, batch)
     per_member = jax.vmap(
         lambda e, f: total_loss(loss, e, batch.energy, batch.n_atoms, weight, f, batch.forces,
@@ -214,14 +224,15 @@ def step_compiler_options() -> dict | None:
 @functools.cache
 def _jitted_train_step():
     # built on first use: asking for the backend at import would start JAX's runtime
-    return jax.jit(_train_step, static_argnames=("model", "backend", "loss", "opt"),
+    return jax.jit(_train_step, static_argnames=("model", "backend", "loss", "opt", "window"),
                    compiler_options=step_compiler_options())
 
 
-def _train_step(params, opt_state, data, idx, weight, lr, *, model, backend, loss, opt):
+def _train_step(params, opt_state, data, idx, weight, lr, *, model, backend, loss, opt,
+                window=None):
     """One AdamW step: (params, opt_state, per-member losses (K,)); jitted by the above."""
     (_, per_member), grads = jax.value_and_grad(_loss_fn, argnums=3, has_aux=True)(
-        model, backend, loss, params, data, idx, weight)
+        model, backend, loss, params, data, idx, weight, window)
     hyper = dict(opt_state.hyperparams, learning_rate=lr)
     opt_state = opt_state._replace(hyperparams=hyper)
     updates, opt_state = make_optimizer(*opt).update(grads, opt_state, params)
@@ -281,7 +292,11 @@ class Trainer:
         self.valid = to_device(valid) if valid is not None and len(valid) else None
         self.n_train = len(train)
         self.batch = min(cfg.batch_size, self.n_train)
-        self.steps_per_epoch = math.ceil(self.n_train / self.batch)
+        self.train_groups = size_groups(train, cfg.size_groups, self.batch)
+        self.valid_groups = (None if self.valid is None else
+                             size_groups(valid, cfg.size_groups, 1))
+        self.steps_per_epoch = sum(math.ceil(len(g.indices) / self.batch)
+                                   for g in self.train_groups)
         self._opt_key = (cfg.weight_decay,)
         self.optimizer = make_optimizer(*self._opt_key)
         self.dtype = self.train.positions.dtype
@@ -307,9 +322,10 @@ class Trainer:
     def _loss(self, params, data, idx, weight):
         return _loss_fn(self.model, self.backend, self.cfg.loss, params, data, idx, weight)
 
-    def _step(self, params, opt_state, data, idx, weight, lr):
+    def _step(self, params, opt_state, data, idx, weight, lr, window=None):
         return _jitted_train_step()(params, opt_state, data, idx, weight, lr, model=self.model,
-                                    backend=self.backend, loss=self.cfg.loss, opt=self._opt_key)
+                                    backend=self.backend, loss=self.cfg.loss, opt=self._opt_key,
+                                    window=window)
 
     def _predict(self, params, batch):
         return _predict_batch(params, batch, model=self.model, backend=self.backend)
@@ -324,20 +340,38 @@ class Trainer:
             pad = size - len(idx)
             yield np.concatenate([idx, np.zeros(pad, idx.dtype)]).astype(np.int32), len(idx)
 
-    def predict_chunk(self, data: PaddedData) -> int:
-        """Configurations per prediction call: the whole set where it holds at most
+    def predict_chunk(self, data: PaddedData, group: SizeGroup | None = None) -> int:
+        """Configurations per prediction call: the whole set (group) where it holds at most
         ``PREDICT_ATOMS`` padded atoms, else that many (at least one training batch)."""
-        fits = PREDICT_ATOMS // max(1, data.positions.shape[1])
-        return max(self.batch, min(len(data), fits))
+        atoms, n = (data.max_atoms, len(data)) if group is None else \
+            (group.atoms, len(group.indices))
+        return max(self.batch, min(n, PREDICT_ATOMS // max(1, atoms)))
+
+    def groups(self, data: PaddedData) -> list[SizeGroup]:
+        """The size groups of ``data`` (those of the training and validation sets are kept)."""
+        if data is self.train:
+            return self.train_groups
+        if data is self.valid:
+            return self.valid_groups
+        return size_groups(data, self.cfg.size_groups, 1)
 
     def predict(self, params, data: PaddedData):
-        """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy."""
-        Es, Fs = [], []
-        for idx, n in self._chunks(len(data), self.predict_chunk(data)):
-            E, F = self._predict(params, take(data, jnp.asarray(idx)))
-            Es.append(np.asarray(E)[:n])
-            Fs.append(np.asarray(F)[:n])
-        return np.concatenate(Es), np.concatenate(Fs)
+        """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy.
+
+        Each size group runs on arrays narrowed to its window; its forces land in the
+        first ``group.atoms`` slots (the rest stay zero, as for padding atoms)."""
+        E_all = F_all = None
+        for g in self.groups(data):
+            for pos, n in self._chunks(len(g.indices), self.predict_chunk(data, g)):
+                idx = g.indices[pos]         # the chunk's padding repeats a group member
+                batch = narrow(take(data, jnp.asarray(idx)), g.atoms, g.pairs)
+                E, F = (np.asarray(a) for a in self._predict(params, batch))
+                if E_all is None:
+                    E_all = np.zeros((len(data),) + E.shape[1:], E.dtype)
+                    F_all = np.zeros((len(data), F.shape[1], data.max_atoms, 3), F.dtype)
+                E_all[idx[:n]] = E[:n]
+                F_all[idx[:n], :, :g.atoms] = F[:n]
+        return E_all, F_all
 
     def validate(self, params) -> dict:
         """Validation metrics of the committee mean, with and without the outliers."""
@@ -440,19 +474,36 @@ class Trainer:
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.data_seed, epoch]).permutation(self.n_train)
 
+    def epoch_batches(self, epoch: int) -> list[tuple]:
+        """The batches of epoch ``epoch``: (indices, padding index, window) each.
+
+        One size group: consecutive slices of :meth:`epoch_order`.  Several: each group
+        shuffled and sliced, then the batches of all groups shuffled, by the same
+        ``default_rng([data_seed, epoch])``; a batch is padded with one of its own group.
+        """
+        if len(self.train_groups) == 1:
+            order = self.epoch_order(epoch)
+            return [(order[s:s + self.batch], order[0], None)
+                    for s in range(0, self.n_train, self.batch)]
+        rng = np.random.default_rng([self.cfg.data_seed, epoch])
+        batches = []
+        for g in self.train_groups:
+            order = g.indices[rng.permutation(len(g.indices))]
+            batches += [(order[s:s + self.batch], order[0], (g.atoms, g.pairs))
+                        for s in range(0, len(order), self.batch)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
     def run_epoch(self, state: TrainState):
         """One epoch in place; returns the mean training loss (over steps and members)."""
-        order = self.epoch_order(state.epoch)
         losses = []
-        for start in range(0, self.n_train, self.batch):
-            idx = order[start:start + self.batch]
+        for idx, pad, window in self.epoch_batches(state.epoch):
             weight = np.zeros(self.batch, np.float32)
             weight[:len(idx)] = 1
-            idx = np.concatenate([idx, np.full(self.batch - len(idx), order[0])])
+            idx = np.concatenate([idx, np.full(self.batch - len(idx), pad)])
             lr = learning_rate(self.cfg, state.step, self.steps_per_epoch, state.planned_steps)
             state.params, state.opt_state, per = self._step(
                 state.params, state.opt_state, self.train, jnp.asarray(idx, jnp.int32),
-                jnp.asarray(weight, self.dtype), jnp.asarray(lr, self.dtype))
+                jnp.asarray(weight, self.dtype), jnp.asarray(lr, self.dtype), window)
             losses.append(per)
             state.step += 1
             if state.ema_params is not None:
