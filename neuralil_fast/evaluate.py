@@ -15,7 +15,7 @@ import numpy as np
 
 from .geometry import species_indices
 
-__all__ = ["predict", "error_metrics", "load_any_model"]
+__all__ = ["predict", "error_metrics", "load_any_model", "padded_size"]
 
 
 def load_any_model(path):
@@ -29,15 +29,33 @@ def load_any_model(path):
     return load(path)
 
 
+# Up to this many distinct atom counts compile one evaluation each; more are padded to
+# the size ladder (see padded_size), so a data set of many sizes compiles a few times per
+# doubling of the atom count instead of once per count.
+EXACT_SIZES = 4
+
+
+def padded_size(n: int) -> int:
+    """The atom count ``n`` is padded to with many sizes: four steps per doubling (at
+    most 25% padding atoms); counts up to 8 stay as they are."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 def predict(model, params, configs, backend="auto", dtype="float64", progress=False):
     """Energies (n_configs,) eV and forces [(N, 3)] eV/Å for a list of ``io.Configuration``.
 
-    One compilation per distinct atom count: pair arrays are padded to a common capacity.
+    Pair arrays are padded to a common capacity; one compilation per distinct atom count
+    up to ``EXACT_SIZES`` counts, else per rung of :func:`padded_size` (padding atoms:
+    no pairs, their energies left out).
     """
     from .neighbors import allocate
     from .potential import evaluate_jit
 
     energies, forces = [], []
+    ladder = len({c.n_atoms for c in configs}) > EXACT_SIZES
     with jax.enable_x64(dtype == "float64"):
         lists = [allocate(c.positions, c.cell, c.pbc, model.r_cut, backend=backend,
                           capacity_multiplier=1.0) for c in configs]
@@ -53,11 +71,20 @@ def predict(model, params, configs, backend="auto", dtype="float64", progress=Fa
                 nl = allocate(c.positions, c.cell, c.pbc, model.r_cut, backend=backend,
                               capacity=capacity)
             sp = species_indices(c.numbers, model.species)
-            out = evaluate_jit(model, params, jnp.asarray(c.positions, dt), jnp.asarray(c.cell, dt),
-                               jnp.asarray(sp), nl.centers, nl.neighbors, nl.shifts,
-                               backend=backend, stress=False)
-            energies.append(float(out["energy"]))
-            forces.append(np.asarray(out["forces"], np.float64))
+            n = c.n_atoms
+            pad = padded_size(n) - n if ladder else 0
+            # Padding atoms have no pairs: their descriptors, hence their energies, do not
+            # depend on any position, so the real atoms' forces are exact and the energy
+            # is the sum over the real atoms.
+            out = evaluate_jit(
+                model, params, jnp.asarray(np.concatenate([c.positions, np.zeros((pad, 3))]), dt),
+                jnp.asarray(c.cell, dt), jnp.asarray(np.concatenate([sp, np.zeros(pad, sp.dtype)])),
+                # padding pair rows point at the padding index of the padded system
+                jnp.where(nl.centers >= n, n + pad, nl.centers),
+                jnp.where(nl.neighbors >= n, n + pad, nl.neighbors), nl.shifts,
+                backend=backend, stress=False)
+            energies.append(float(jnp.sum(out["energies"][:n])) if pad else float(out["energy"]))
+            forces.append(np.asarray(out["forces"][:n], np.float64))
     return np.array(energies), forces
 
 

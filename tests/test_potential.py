@@ -244,6 +244,40 @@ def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
             assert "(0 with forces)" in table and "n/a" in table
 
 
+def test_padded_size_ladder():
+    from neuralil_fast.evaluate import padded_size
+
+    n = np.arange(1, 20000)
+    p = np.array([padded_size(int(k)) for k in n])
+    assert np.all(p >= n) and np.all(p[n <= 8] == n[n <= 8])
+    assert np.all(p[n > 8] <= 1.25 * n[n > 8])
+    for k in range(3, 14):  # four rungs per doubling
+        assert len(set(p[(n > 2**k) & (n <= 2**(k + 1))])) == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_evaluate_many_sizes_on_the_padded_ladder(dtype, monkeypatch):
+    """More atom counts than EXACT_SIZES (lowered to 2 to compile less): each
+    configuration, evaluated on the ladder with masked padding atoms, equals its
+    evaluation alone at its own size."""
+    from neuralil_fast import evaluate
+    from neuralil_fast.evaluate import padded_size, predict
+    from neuralil_fast.io import from_atoms
+
+    monkeypatch.setattr(evaluate, "EXACT_SIZES", 2)
+    model, params = _model_and_params()
+    sizes = [5, 9, 18]
+    assert [padded_size(n) for n in sizes] == [5, 10, 20]
+    configs = [from_atoms(_small_atoms(seed=k, n=n)) for k, n in enumerate(sizes)]
+    E, F = predict(model, params, configs, backend="numba", dtype=dtype)
+    rtol, atol = (1e-10, 1e-12) if dtype == "float64" else (2e-5, 2e-5)
+    for k, c in enumerate(configs):
+        (e,), (f,) = predict(model, params, [c], backend="numba", dtype=dtype)
+        np.testing.assert_allclose(E[k], e, rtol=rtol)
+        np.testing.assert_allclose(F[k], f, rtol=rtol, atol=atol * np.abs(f).max())
+        assert F[k].shape == (c.n_atoms, 3) and np.abs(f).max() > 0
+
+
 @pytest.mark.shared
 @pytest.mark.slow
 def test_evaluate_reproduces_original_neuralil(shared_dir):
