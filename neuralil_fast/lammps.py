@@ -239,7 +239,7 @@ class NeuralILFix:
             rank = self.comm.Get_rank()
             # One write, the error in its first line: the first rank to abort kills the
             # others mid-write, and the launcher may drop what it has not relayed yet.
-            summary = "".join(traceback.format_exception_only(err)).strip().splitlines()[-1]
+            summary = f"{type(err).__name__}: {err}".splitlines()[0]
             sys.stderr.write(f"neuralil_fast.lammps: rank {rank}: error in the force callback "
                              f"at step {ntimestep} ({summary}); aborting the run\n"
                              + traceback.format_exc())

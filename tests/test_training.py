@@ -439,7 +439,7 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
 
     whole = grouped.fit(grouped.init_state())
     first = trainer(2, epochs=1)
-    state = first.fit(first.init_state(), state_path=tmp_path / "s.state")
+    first.fit(first.init_state(), state_path=tmp_path / "s.state")
     again = trainer(2)
     resumed = again.fit(again.load_state(tmp_path / "s.state"))
     assert _params_equal(resumed.params, whole.params)

@@ -122,36 +122,36 @@ def _read(path, args, species):
 
 
 def _check_forces(loss, train_configs, valid_configs):
-    """Fail when the loss needs forces that no training configuration carries; say how
-    many configurations lack forces (they enter the energy term and metrics only)."""
+    """Fail when the loss needs forces that no training configuration carries (before the
+    neighbour lists; ``Trainer`` checks the same for API users); say how many
+    configurations lack forces (they enter the energy term and metrics only)."""
+    if not loss.uses_forces:
+        return
     n_train = sum(c.forces is None for c in train_configs)
     n_valid = sum(c.forces is None for c in valid_configs)
-    if loss.uses_forces and n_train == len(train_configs):
+    if n_train == len(train_configs):
         _fail("the training data carries no forces: train on energies with --energy-only")
-    if loss.uses_forces and (n_train or n_valid):
+    if n_train or n_valid:
         print(f"note: {n_train} of {len(train_configs)} training and {n_valid} of "
               f"{len(valid_configs)} validation configurations carry no forces: they enter "
               "the energy term and the energy metrics only", file=sys.stderr)
-    if loss.uses_forces and n_valid == len(valid_configs) and valid_configs:
+    if n_valid == len(valid_configs) and valid_configs:
         print("note: the validation data carries no forces: keep-best and early stopping "
               "follow the validation energy MAE", file=sys.stderr)
 
 
-def _padding_note(train, cfg):
+def _padding_note(trainer):
     """Say when most atom slots of the training batches are padding, and what size groups
     would leave (data of mixed sizes)."""
-    from .data import size_groups
+    from .data import epoch_slots, size_groups
 
-    def fill(groups):
-        batch = min(cfg.batch_size, len(train))
-        slots = sum(math.ceil(len(g.indices) / batch) * batch * g.atoms for g in groups)
-        return float(np.sum(np.asarray(train.n_atoms))) / slots
-
-    now = fill(size_groups(train, cfg.size_groups, min(cfg.batch_size, len(train))))
+    atoms = float(np.sum(np.asarray(trainer.train.n_atoms)))
+    now = atoms / epoch_slots(trainer.train_groups, trainer.batch)
     if now < 0.5:
         hint = ""
-        if cfg.size_groups < 4:
-            four = fill(size_groups(train, 4, min(cfg.batch_size, len(train))))
+        if trainer.cfg.size_groups < 4:
+            four = atoms / epoch_slots(size_groups(trainer.train, 4, trainer.batch),
+                                       trainer.batch)
             hint = f"; --size-groups 4 would make it {100 * four:.0f}%"
         print(f"note: real atoms fill {100 * now:.0f}% of the training batches' atom slots "
               f"(configurations of mixed sizes, padded to the largest in their group){hint}",
@@ -276,7 +276,6 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                                   progress=bar.update)
     n_train = len(train_configs)
     train = take(data, np.arange(n_train))
-    _padding_note(train, cfg)
     valid = take(data, np.arange(n_train, len(all_configs)))
     if args.core_repulsion:
         import dataclasses
@@ -288,6 +287,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     trainer = Trainer(model, train, valid, cfg, valid_ids=valid_ids, outliers=args.outliers,
                       valid_energy64=[c.energy for c in valid_configs],
                       train_energy64=[c.energy for c in train_configs])
+    _padding_note(trainer)
     state = trainer.load_state(state_path) if args.resume else trainer.init_state()
 
     log = {"command": "train", "data": str(args.data), "valid_data": args.valid,

@@ -26,7 +26,7 @@ from ..geometry import species_indices
 from ..neighbors import allocate
 
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
-           "force_atom_mask", "SizeGroup", "size_groups", "narrow"]
+           "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow"]
 
 
 @jax.tree_util.register_dataclass
@@ -119,6 +119,12 @@ def size_groups(data: PaddedData, max_groups: int, batch: int) -> list[SizeGroup
         groups.append(SizeGroup(int(sizes[j]), max(1, int(n_pairs[members].max())), members))
         j, g = i - 1, g - 1
     return groups[::-1]
+
+
+def epoch_slots(groups: list[SizeGroup], batch: int) -> int:
+    """The atom slots an epoch computes: ceil(n_g / batch) batches of ``batch`` rows of
+    ``atoms`` slots per group (the cost :func:`size_groups` minimises)."""
+    return sum(-(-len(g.indices) // batch) * batch * g.atoms for g in groups)
 
 
 def narrow(batch: PaddedData, atoms: int, pairs: int) -> PaddedData:
