@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
                         help="model file written by nf.save, then the structure (anything "
                              "ase.io.read reads, .gro included); with --neuralil-pickle only "
                              "the structure")
+    parser.add_argument("--frame", type=int, default=-1,
+                        help="which frame of a multi-frame STRUCTURE file to start from "
+                             "(Python index; default -1, the last, as ase.io.read)")
     parser.add_argument("--neuralil-pickle", metavar="PICKLE",
                         help="use an original NeuralIL parameter pickle instead of MODEL")
     parser.add_argument("--steps", type=int, default=1000, help="number of MD steps (1000)")
@@ -93,13 +96,38 @@ def _load_model(args):
         raise _error(f"cannot read the model {path}: {err}") from err
 
 
-def _read_structure(path):
+class _NoSuchFrame(LookupError):
+    pass
+
+
+def _read_frame(path, frame: int):
+    """Frame ``frame`` (a Python index) of ``path``; _NoSuchFrame naming the frames there are."""
     import ase.io
 
+    if frame == -1:
+        return ase.io.read(path)
+    if frame >= 0:  # a slice reads up to the frame only, where the format allows
+        try:
+            got = ase.io.read(path, index=slice(frame, frame + 1))
+        except AssertionError:  # ASE's single-frame readers assert index 0
+            got = []
+        if got:
+            return got[0]
+    frames = ase.io.read(path, index=":")
+    n = len(frames)
+    if not -n <= frame < n:
+        raise _NoSuchFrame(f"the structure {path} has {n} frame(s), no frame {frame} "
+                         f"(--frame takes 0..{n - 1} or -{n}..-1)")
+    return frames[frame]
+
+
+def _read_structure(path, frame: int = -1):
     if not os.path.isfile(path):
         raise _error(f"no such structure file: {path}")
     try:
-        atoms = ase.io.read(path)
+        atoms = _read_frame(path, frame)
+    except _NoSuchFrame as err:
+        raise _error(str(err)) from None
     except Exception as err:  # noqa: BLE001
         why = str(err) or "unrecognised, empty or truncated file"
         raise _error(f"cannot read the structure {path}: {why}") from err
@@ -226,7 +254,7 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
 def run(args) -> int:
     _check(args)
     (model, params), structure = _load_model(args)
-    atoms = _read_structure(structure)
+    atoms = _read_structure(structure, args.frame)
     from .calculator import Calculator
 
     calc = Calculator(model, params, backend=args.backend, skin=args.skin, dtype=args.dtype)

@@ -26,6 +26,13 @@ def files(tmp_path_factory):
     ase.Atoms("Si2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[5] * 3,
               pbc=True).write(d / "si.extxyz")
     (d / "junk.xyz").write_text("this is not a structure\n")
+    # three frames, each shifted along x by its index (which frame was read shows in x)
+    ase.io.write(d / "frames.extxyz", [atoms.copy() for _ in range(3)])
+    frames = ase.io.read(d / "frames.extxyz", index=":")
+    for k, f in enumerate(frames):
+        f.positions[:, 0] += 0.1 * k
+    ase.io.write(d / "frames.extxyz", frames)
+    atoms.write(d / "box.gro")
     return d
 
 
@@ -86,12 +93,26 @@ def test_short_runs_summarise_without_nan(files, capsys, steps, timing):
     (["md", "{d}/m.nil", "{d}/si.extxyz", "--backend", "reference"], "unknown species"),
     (["md", "--neuralil-pickle", "{d}/missing.pickle", "{d}/box.extxyz"], "no such parameter"),
     (["md", "{d}/m.nil", "{d}/box.extxyz", "--backend", "nonsense"], "unknown backend"),
+    (["md", "{d}/m.nil", "{d}/frames.extxyz", "--frame", "3"], "has 3 frame(s), no frame 3"),
+    (["md", "{d}/m.nil", "{d}/frames.extxyz", "--frame", "-4"], "has 3 frame(s), no frame -4"),
+    (["md", "{d}/m.nil", "{d}/box.gro", "--frame", "1"], "has 1 frame(s), no frame 1"),
 ])
 def test_bad_input_is_one_line_error(files, capsys, argv, message):
     rc = main([a.format(d=files) for a in argv])
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("name, frame, shift", [
+    ("frames.extxyz", None, 0.2), ("frames.extxyz", 0, 0.0), ("frames.extxyz", 1, 0.1),
+    ("frames.extxyz", -3, 0.0), ("box.gro", 0, 0.0), ("box.gro", -1, 0.0)])
+def test_frame_picks_the_frame(files, name, frame, shift):
+    from neuralil_fast.md import _read_structure
+
+    atoms = _read_structure(str(files / name), -1 if frame is None else frame)
+    base = ase.io.read(files / "box.extxyz")
+    np.testing.assert_allclose(atoms.positions, base.positions + [shift, 0, 0], atol=6e-3)  # .gro: 0.01 Å
 
 
 @pytest.mark.shared
