@@ -232,6 +232,11 @@ class NeuralIL:
     core_repulsion: None, or per species pair (S x S nested tuple, Å) the onset radius of a
       fixed ZBL wall (see :func:`core_repulsion_energies`); usually the training data's
       closest approach of each pair (``training.data.closest_approach``).
+    species_energies: None, or a fixed reference energy per species (eV per atom; a
+      mapping symbol -> eV, or a sequence in the sorted ``species`` order) added to each
+      atom's energy: the composition-dependent part of the total energy, fitted by least
+      squares before training (``training.data.fit_species_energies``) so that the
+      network learns the rest.  Forces and stress do not depend on it.
     """
 
     species: tuple
@@ -243,6 +248,7 @@ class NeuralIL:
     morse: bool = True
     element_resolved: bool = True
     core_repulsion: tuple | None = None
+    species_energies: tuple | None = None
 
     def __post_init__(self):
         from ase.data import atomic_numbers
@@ -272,6 +278,9 @@ class NeuralIL:
                                  f"positive onset radii (Å), got {self.core_repulsion!r}")
             object.__setattr__(self, "core_repulsion",
                                tuple(tuple(float(x) for x in row) for row in onset))
+        if self.species_energies is not None:
+            object.__setattr__(self, "species_energies",
+                               _species_table(self.species_energies, species))
 
     @property
     def n_species(self) -> int:
@@ -328,6 +337,10 @@ class NeuralIL:
         config["widths"] = list(self.widths)
         if self.core_repulsion is not None:
             config["core_repulsion"] = [list(row) for row in self.core_repulsion]
+        if self.species_energies is None:  # files of models without them stay as they were
+            config.pop("species_energies")
+        else:
+            config["species_energies"] = list(self.species_energies)
         return config
 
     @classmethod
@@ -343,9 +356,31 @@ class NeuralIL:
         return cls(**{k: frozen(v) for k, v in config.items()})
 
     def apply_network(self, params, descriptors, species):
-        """(NN atomic energies (N,), morse parameters or None)."""
+        """(NN atomic energies (N,) + the species energies, morse parameters or None)."""
         params = jax.tree.map(lambda a: a.astype(descriptors.dtype), params)
-        return self.network.apply(params, descriptors, species)
+        e, morse = self.network.apply(params, descriptors, species)
+        if self.species_energies is not None:
+            e = e + jnp.asarray(self.species_energies, e.dtype)[species]
+        return e, morse
+
+
+def _species_table(values, species: tuple) -> tuple:
+    """``values`` (symbol -> eV, or a sequence in ``species`` order) as a tuple of floats."""
+    if isinstance(values, dict):
+        missing = [s for s in species if s not in values]
+        extra = [s for s in values if s not in species]
+        if missing or extra:
+            raise ValueError(f"species_energies must give one energy per species {species}: "
+                             f"missing {missing}, unexpected {extra}")
+        values = [values[s] for s in species]
+    try:
+        table = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        table = np.full(0, np.nan)
+    if table.shape != (len(species),) or not np.all(np.isfinite(table)):
+        raise ValueError(f"species_energies must be {len(species)} finite energies (eV, in "
+                         f"the order {species}) or a mapping symbol -> eV, got {values!r}")
+    return tuple(float(x) for x in table)
 
 
 def _unfreeze(tree):

@@ -78,6 +78,56 @@ def test_save_load_bit_for_bit(tmp_path):
         nf.load(tmp_path / "foreign.nil")
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_species_energies_shift_energies_only(backend, dtype, tol):
+    """Each atom's energy moves by its species' entry (mapping or sorted sequence alike);
+    forces and stress stay the same; single and committee paths agree; saved and loaded."""
+    from neuralil_fast.committee import committee_evaluate_jit, stack
+    from neuralil_fast.neighbors import allocate
+    from neuralil_fast.potential import evaluate_jit
+
+    model, params = _model_and_params()
+    table = {"O": -432.1, "C": -148.7, "H": -13.6, "N": -271.5}
+    shifted = nf.NeuralIL(**(model.to_config() | {"species_energies": table}))
+    assert shifted.species_energies == tuple(table[s] for s in SPECIES)
+    assert shifted == nf.NeuralIL(**(model.to_config()
+                                     | {"species_energies": [table[s] for s in SPECIES]}))
+    atoms = _small_atoms(n=12)
+    nl = allocate(atoms.positions, atoms.cell.array, atoms.pbc, model.r_cut, backend=backend)
+    species = jnp.asarray(nf.geometry.species_indices(atoms.numbers, model.species))
+    args = (jnp.asarray(atoms.positions, dtype), jnp.asarray(atoms.cell.array, dtype), species,
+            nl.centers, nl.neighbors, nl.shifts)
+    base = evaluate_jit(model, params, *args, backend=backend, stress=True)
+    out = evaluate_jit(shifted, params, *args, backend=backend, stress=True)
+    want = np.array([table[s] for s in atoms.get_chemical_symbols()])
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(out["energies"]) - np.asarray(base["energies"]), want,
+                               rtol=0, atol=tol["rtol"] * scale)
+    np.testing.assert_allclose(float(out["energy"] - base["energy"]), want.sum(), rtol=tol["rtol"])
+    for k in ("forces", "stress"):
+        ref = np.asarray(base[k])
+        np.testing.assert_allclose(np.asarray(out[k]), ref, rtol=0,
+                                   atol=tol["rtol"] * np.abs(ref).max(), err_msg=k)
+    committee = committee_evaluate_jit(shifted, stack([params, params]), *args, backend=backend)
+    np.testing.assert_allclose(np.asarray(committee["energies"][1]), np.asarray(out["energies"]),
+                               rtol=0, atol=tol["rtol"] * scale)
+
+
+def test_species_energies_are_saved_and_checked(tmp_path):
+    model, params = _model_and_params()
+    shifted = nf.NeuralIL(**(model.to_config() | {"species_energies": (-1.0, -2.0, -3.0, -4.5)}))
+    nf.save(tmp_path / "s.nil", shifted, params)
+    assert nf.load(tmp_path / "s.nil")[0] == shifted
+    # a model without them writes the settings it always wrote (older versions read them)
+    assert "species_energies" not in model.to_config()
+    for bad, match in [((-1.0, -2.0), "4 finite energies"), ((-1.0, -2.0, np.nan, 0.0), "finite"),
+                       ({"C": 1.0, "H": 1.0, "N": 1.0}, "missing \\['O'\\]"),
+                       ({"C": 1, "H": 1, "N": 1, "O": 1, "S": 1}, "unexpected \\['S'\\]"),
+                       ("abc", "finite energies")]:
+        with pytest.raises(ValueError, match=match):
+            nf.NeuralIL(species=SPECIES, species_energies=bad)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(species=("H", "H")), "distinct"),
     (dict(species=("H", "Xx")), "unknown element"),

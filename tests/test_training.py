@@ -257,6 +257,81 @@ def test_forces_only_fits_energy_offset(configs):
     assert abs(np.sum(resid * n)) / np.sum(n * np.abs(resid)) < 1e-3
 
 
+# --------------------------------------------------------------------------- species energies
+
+# eV per atom, of the size of isolated-atom energies in DFT: data of varying composition
+# carry tens of eV per atom that one common offset cannot take up
+OFFSETS = {"H": -13.6, "O": -432.1}
+
+
+def _offset(c):
+    return Configuration(symbols=c.symbols, positions=c.positions, cell=c.cell, pbc=c.pbc,
+                         energy=c.energy + sum(OFFSETS[s] for s in c.symbols),
+                         forces=c.forces)
+
+
+def test_fit_species_energies_is_the_least_squares_fit():
+    from neuralil_fast.training.data import fit_species_energies
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 9, (20, 3)) + [1, 0, 0]
+    b = np.array([-13.6, -432.1, -148.7])
+    np.testing.assert_allclose(fit_species_energies(counts, counts @ b), b, rtol=1e-12)
+    E = counts @ b + rng.normal(0, 0.3, 20)  # noisy: the normal equations hold
+    r = E - counts @ fit_species_energies(counts, E)
+    assert np.abs(counts.T @ r).max() < 1e-9 * np.abs(counts.T @ E).max()
+    # one composition (proportional rows), one species absent: the common offset for all
+    one, E = np.array([[2, 0, 6], [3, 0, 9], [1, 0, 3]]), np.array([-70.0, -101.0, -36.0])
+    n = one.sum(1)
+    np.testing.assert_allclose(fit_species_energies(one, E), [n @ E / (n @ n)] * 3, rtol=1e-12)
+
+
+def test_species_energies_only_where_compositions_vary(configs):
+    from types import SimpleNamespace
+
+    from neuralil_fast.training.cli import _with_species_energies
+
+    model = tiny_model()
+    # the same boxes relabelled half H, half O: one composition
+    even = [Configuration(symbols=["H", "O"] * (c.n_atoms // 2), positions=c.positions[:c.n_atoms
+                          // 2 * 2], cell=c.cell, pbc=True, energy=c.energy) for c in configs]
+    for data, mode, fitted in [(configs, "auto", True), (even, "auto", False),
+                               (even, "fit", True), (configs, "none", False)]:
+        padded = pad_configurations(data, model.species, model.r_cut, "reference")
+        got = _with_species_energies(SimpleNamespace(species_energies=mode), model, padded,
+                                     [c.energy for c in data]).species_energies
+        assert (got is not None) == fitted, (mode, fitted)
+        if data is even and got is not None:  # one composition: one common offset
+            assert got[0] == pytest.approx(got[1], rel=1e-9)
+
+
+def test_forces_only_refits_species_energies(configs, x64):
+    """Training on forces leaves each species' energy free: afterwards the table is refitted
+    so that the residual energies are orthogonal to every species' atom counts."""
+    from neuralil_fast.training.data import species_counts
+
+    model = tiny_model(species_energies=(0.0, 0.0))  # a wrong table to start from
+    shifted = [_offset(c) for c in configs[:10]]
+    data = pad_configurations(shifted, model.species, model.r_cut, "reference", np.float64)
+    cfg = TrainConfig(epochs=2, batch_size=4, backend="reference",
+                      loss=LossConfig(energy_weight=0.0))
+    trainer = Trainer(model, data, None, cfg)
+    state = trainer.fit(trainer.init_state())
+    params = state.best_params
+    energy, counts = np.array([c.energy for c in shifted]), species_counts(data, 2)
+
+    def normal_equations():
+        return np.abs(counts.T @ (energy - trainer.predict(params, trainer.train)[0][:, 0]))
+
+    before = normal_equations().max()
+    params = trainer.final_params(state)  # refits the table, then each member's offset
+    assert normal_equations().max() < 1e-9 * before
+    # the table takes up the offsets' difference (their common part went into the biases
+    # at the start, from the wrong table; the LJ part and the networks' energies aside)
+    table = np.asarray(trainer.model.species_energies)
+    assert table[1] - table[0] == pytest.approx(OFFSETS["O"] - OFFSETS["H"], abs=2.0)
+
+
 def _without_forces(c):
     return Configuration(symbols=c.symbols, positions=c.positions, cell=c.cell, pbc=c.pbc,
                          energy=c.energy)
@@ -636,6 +711,30 @@ def test_cli_trains_on_data_with_and_without_forces(tmp_path, configs, capsys):
     note = capsys.readouterr().err
     assert f"note: {len(lacking)} of 8 training and {4 - len(lacking)} of 3 validation" in note
     assert "force_mae_mev_A" in log["final"]["valid"]["all"]
+
+
+def test_cli_species_energies_on_data_of_varying_composition(tmp_path, configs, capsys):
+    """Per-species offsets of hundreds of eV: the fitted table takes them up (energy MAE
+    under 1% of one common offset's after the same epochs), is saved with the model, is
+    refitted after training on forces only, and a resumed run fits the same table."""
+    data = write_extxyz(tmp_path / "off.extxyz", [_offset(c) for c in configs[:11]])
+    mae, models = {}, {}
+    for mode in ("auto", "none", "forces-only"):
+        out, log = tmp_path / f"{mode}.nil", tmp_path / f"{mode}.json"
+        extra = ["--forces-only"] if mode == "forces-only" else ["--species-energies", mode]
+        assert cli([data, "--out", out, "--epochs", 3, "--log", log, *extra, *COMMON]) == 0
+        mae[mode] = json.loads(log.read_text())["final"]["valid"]["all"]["energy_mae_mev_atom"]
+        models[mode] = load(out)[0]
+        err = capsys.readouterr().err
+        assert ("species energies (eV/atom" in err) == (mode != "none")
+        assert ("refitted after training on forces" in err) == (mode == "forces-only")
+    assert mae["auto"] < 0.01 * mae["none"] and mae["forces-only"] < 0.01 * mae["none"], mae
+    assert models["none"].species_energies is None
+    table = np.asarray(models["auto"].species_energies)  # the LJ energies: a few eV at most
+    np.testing.assert_allclose(table, [OFFSETS[s] for s in models["auto"].species], atol=5.0)
+    assert models["forces-only"].species_energies != models["auto"].species_energies
+    assert cli([data, "--out", tmp_path / "auto.nil", "--epochs", 4, "--resume",
+                *COMMON]) == 0
 
 
 def test_core_repulsion_option_takes_the_training_closest_approach(tmp_path, xyz, configs):

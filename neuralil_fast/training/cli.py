@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-element-resolved", action="store_true",
                    help="ablation: one neighbour density for all species")
     m.add_argument("--no-morse", action="store_true", help="leave out the repulsive Morse term")
+    m.add_argument("--species-energies", default="auto", choices=("auto", "fit", "none"),
+                   help="a fixed reference energy per species, fitted by least squares to the "
+                        "training energies before training, so that the network learns "
+                        "the rest (auto: where the training compositions vary; default)")
     m.add_argument("--core-repulsion", action="store_true",
                    help="add a fixed ZBL wall below each species pair's closest approach in "
                         "the training data (zero on the training data; see NeuralIL)")
@@ -156,6 +160,30 @@ def _padding_note(trainer):
         print(f"note: real atoms fill {100 * now:.0f}% of the training batches' atom slots "
               f"(configurations of mixed sizes, padded to the largest in their group){hint}",
               file=sys.stderr)
+
+
+def _table(model) -> str:
+    return ", ".join(f"{s} {e:.4f}" for s, e in zip(model.species, model.species_energies))
+
+
+def _with_species_energies(args, model, train, energy64):
+    """``model`` with the species energies fitted to the training data, where asked for
+    (auto: where the compositions vary; one composition leaves one common offset, which
+    the network's bias already fits)."""
+    import dataclasses
+
+    from .data import fit_species_energies, species_counts
+
+    counts = species_counts(train, model.n_species)
+    fractions = counts / counts.sum(axis=1, keepdims=True)
+    varies = bool(np.ptp(fractions, axis=0).max() > 1e-9)
+    if args.species_energies == "none" or (args.species_energies == "auto" and not varies):
+        return model
+    model = dataclasses.replace(model, species_energies=tuple(
+        fit_species_energies(counts, energy64)))
+    print(f"species energies (eV/atom, least squares on the training energies): "
+          f"{_table(model)}", file=sys.stderr)
+    return model
 
 
 def _fmt(metrics: dict, key: str, spec: str, unit: str) -> str:
@@ -284,6 +312,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
 
         model = dataclasses.replace(
             model, core_repulsion=closest_approach(train, model.n_species, model.r_cut))
+    model = _with_species_energies(args, model, train, [c.energy for c in train_configs])
     trainer = Trainer(model, train, valid, cfg, valid_ids=valid_ids, outliers=args.outliers,
                       valid_energy64=[c.energy for c in valid_configs],
                       train_energy64=[c.energy for c in train_configs])
@@ -333,6 +362,11 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
                         checkpoint_seconds=args.checkpoint_seconds)
     bar.close()
     final = trainer.final_params(state)
+    if trainer.model != model:  # trained on forces only: the species energies refitted
+        model = trainer.model
+        log["model"] = model.to_config()
+        print(f"species energies refitted after training on forces: {_table(model)}",
+              file=sys.stderr)
     write_model(final)
     final_metrics = trainer.validate(final)
     log["epochs"] = state.history

@@ -26,7 +26,8 @@ from ..geometry import species_indices
 from ..neighbors import allocate
 
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
-           "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow"]
+           "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow",
+           "species_counts", "fit_species_energies"]
 
 
 @jax.tree_util.register_dataclass
@@ -256,6 +257,30 @@ def closest_approach(data: PaddedData, n_species: int, r_cut: float) -> np.ndarr
         sp = np.asarray(data.species[k])
         np.minimum.at(out, (sp[c], sp[j]), r)
     return np.minimum(out, out.T)
+
+
+def species_counts(data: PaddedData, n_species: int) -> np.ndarray:
+    """(C, S) int: the atoms of each species in each configuration (padding left out)."""
+    sp = np.asarray(data.species)
+    real = np.asarray(data.atom_mask) > 0
+    return np.stack([np.sum(real & (sp == s), axis=1) for s in range(n_species)], axis=1)
+
+
+def fit_species_energies(counts, energy) -> np.ndarray:
+    """(S,) eV per atom: reference energies b with counts @ b ≈ energy (least squares).
+
+    counts (C, S) atoms of each species; energy (C,) eV.  Solved in two stages, so that
+    what the data cannot tell apart stays equal: one common energy per atom c (the least
+    squares of energy ≈ N c, N the atom counts), then the smallest deviations δ (minimum
+    norm least squares on the residual), b = c + δ.  Data of one composition (all rows
+    proportional) gives b = c for every species; a species absent from the data gets c.
+    """
+    counts = np.asarray(counts, np.float64)
+    energy = np.asarray(energy, np.float64)
+    n = counts.sum(axis=1)
+    c = float(n @ energy / (n @ n))
+    delta = np.linalg.lstsq(counts, energy - n * c, rcond=None)[0]
+    return c + delta
 
 
 def to_device(data: PaddedData) -> PaddedData:

@@ -45,8 +45,8 @@ import optax
 from ..backends import resolve_backend
 from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
-from .data import (PaddedData, SizeGroup, force_atom_mask, narrow, size_groups, take,
-                   to_device)
+from .data import (PaddedData, SizeGroup, fit_species_energies, force_atom_mask, narrow,
+                   size_groups, species_counts, take, to_device)
 from .losses import LossConfig, total_loss
 
 __all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "ema_decay",
@@ -589,11 +589,30 @@ class Trainer:
             checkpoint()
         return state
 
+    def refit_species_energies(self, params, data: PaddedData | None = None, energy64=None):
+        """``self.model`` with its species energies moved by the least-squares fit of the
+        residual energies of the committee mean on ``data`` (default: the training set).
+
+        For training on forces only, which leaves the network's energy per species free
+        (one table for all members; :meth:`final_params` then fits each member's offset)."""
+        data = self.train if data is None else data
+        energy64 = self.train_energy64 if energy64 is None else energy64
+        E, _ = self.predict(params, data)
+        delta = fit_species_energies(species_counts(data, self.model.n_species),
+                                     np.asarray(energy64) - E.mean(1))
+        table = np.asarray(self.model.species_energies or np.zeros(self.model.n_species))
+        return dataclasses.replace(self.model, species_energies=tuple(table + delta))
+
     def final_params(self, state: TrainState):
-        """The best parameters; with the offset refitted when energies were not trained on."""
+        """The best parameters; with the offset refitted when energies were not trained on.
+
+        Then a model with species energies also gets its table refitted first (the
+        committee mean's energy per species), so save ``self.model`` with these."""
         params = state.best_params
         if self.cfg.fit_offset and not self.cfg.loss.uses_energy:
-            params = self.fit_offset(params)
+            if self.model.species_energies is not None:
+                self.model = self.refit_species_energies(params)
+            params = self.fit_offset(params)   # each member's own offset
         return params
 
 
