@@ -75,9 +75,9 @@ def launch(args, variant: str, core: int):
         (folder / stale).unlink(missing_ok=True)  # a fresh run, never a resumed one
     cmd = [sys.executable, "-m", "neuralil_fast", *train_argv(args, variant, folder)]
     env = dict(os.environ, **SINGLE_THREAD_ENV)
-    preexec = None
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
+        preexec = None
     else:
         def preexec():
             os.sched_setaffinity(0, {core})

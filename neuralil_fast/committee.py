@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .descriptors import _pair_geometry, descriptors
 from .model import NeuralIL, pair_atomic_energies

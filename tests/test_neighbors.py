@@ -5,7 +5,6 @@ written here (no wrapping, generous image box).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import ase
 import jax

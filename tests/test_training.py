@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from neuralil_fast.committee import (committee_evaluate_jit, committee_size, load_any, member,
-                                     save_committee, stack, summarize)
+                                     stack, summarize)
 from neuralil_fast.io import Configuration, from_atoms, to_atoms
 from neuralil_fast.model import NeuralIL, load
 from neuralil_fast.training.data import pad_configurations, split_indices, take
@@ -519,6 +518,35 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
     resumed = again.fit(again.load_state(tmp_path / "s.state"))
     assert _params_equal(resumed.params, whole.params)
     assert not _params_equal(whole.params, plain.fit(plain.init_state()).params)
+
+
+def test_size_groups_keep_each_group_narrowed_on_the_device(mixed_sizes, x64):
+    """Several groups: each group's configurations sit on the device narrowed to its
+    window (fewer atom and pair slots than the whole set padded to its largest), and an
+    epoch on them takes the same steps as the whole padded set narrowed inside each step."""
+    from neuralil_fast.training.data import to_device
+    from neuralil_fast.training.loop import learning_rate
+
+    model = tiny_model()
+    data = pad_configurations(mixed_sizes, model.species, model.r_cut, "reference", np.float64)
+    trainer = Trainer(model, data, None, TrainConfig(epochs=1, batch_size=3,
+                                                     backend="reference", size_groups=2))
+    parts = trainer._parts["train"]
+    assert len(parts) == 2 and trainer.train is data        # the full set stays on the host
+    assert sum(p.positions.shape[0] * p.max_atoms for p in parts) < len(data) * data.max_atoms
+    assert sum(p.centers.size for p in parts) < data.centers.size
+    state = trainer.init_state()
+    params, opt_state, full = state.params, state.opt_state, to_device(data)
+    batches = trainer.epoch_batches(0)
+    trainer.run_epoch(state)
+    for step, (idx, pad, window) in enumerate(batches):     # the oracle: one storage
+        weight = (np.arange(3) < len(idx)).astype(np.float64)
+        idx = np.concatenate([idx, np.full(3 - len(idx), pad)])
+        lr = learning_rate(trainer.cfg, step, trainer.steps_per_epoch, None)
+        params, opt_state, _ = trainer._step(params, opt_state, full, jnp.asarray(idx, jnp.int32),
+                                             jnp.asarray(weight), jnp.asarray(lr), window)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("cap", [8, 24, 10**6])

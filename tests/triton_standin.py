@@ -20,7 +20,6 @@ import os
 import sys
 import types
 
-import jax
 import numpy as np
 
 from neuralil_fast.kernels.ffi import pure_callback_64

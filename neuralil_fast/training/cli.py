@@ -273,8 +273,6 @@ def run(args) -> int:
 
 def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids, out,
            state_path):
-    import jax
-
     from ..backends import resolve_backend
     from ..committee import member, save_committee
     from ..model import save

@@ -288,18 +288,35 @@ class Trainer:
         self.model = model
         self.cfg = cfg
         self.backend = resolve_backend(cfg.backend)
-        self.train = to_device(train)
-        self.valid = to_device(valid) if valid is not None and len(valid) else None
+        valid = valid if valid is not None and len(valid) else None
         self.n_train = len(train)
         self.batch = min(cfg.batch_size, self.n_train)
         self.train_groups = size_groups(train, cfg.size_groups, self.batch)
-        self.valid_groups = (None if self.valid is None else
-                             size_groups(valid, cfg.size_groups, 1))
+        self.valid_groups = None if valid is None else size_groups(valid, cfg.size_groups, 1)
+        # One group: the set on the device as given.  Several: each group's configurations
+        # on the device narrowed to its window (memory: the sum over the groups of their
+        # count x window instead of all configurations x the largest), the set as given
+        # kept where it is (host numpy from pad_configurations).
+        self._parts = {}
+        for name, data, groups in (("train", train, self.train_groups),
+                                   ("valid", valid, self.valid_groups)):
+            if data is not None and len(groups) > 1:
+                self._parts[name] = [to_device(narrow(take(data, g.indices), g.atoms, g.pairs))
+                                     for g in groups]
+            elif data is not None:
+                data = to_device(data)
+            setattr(self, name, data)
+        # each training configuration's group and row in that group's part
+        self._group_of = np.zeros(self.n_train, np.int64)
+        self._row_of = np.zeros(self.n_train, np.int64)
+        for k, g in enumerate(self.train_groups):
+            self._group_of[g.indices], self._row_of[g.indices] = k, np.arange(len(g.indices))
         self.steps_per_epoch = sum(math.ceil(len(g.indices) / self.batch)
                                    for g in self.train_groups)
         self._opt_key = (cfg.weight_decay,)
         self.optimizer = make_optimizer(*self._opt_key)
-        self.dtype = self.train.positions.dtype
+        on_device = self._parts["train"][0] if "train" in self._parts else self.train
+        self.dtype = on_device.positions.dtype
         self.valid_ids = None if valid_ids is None else np.asarray(valid_ids)
         self.outliers = tuple(int(i) for i in outliers)
         self.valid_energy64 = (None if self.valid is None else
@@ -355,16 +372,25 @@ class Trainer:
             return self.valid_groups
         return size_groups(data, self.cfg.size_groups, 1)
 
+    def _group_parts(self, data: PaddedData):
+        """The device parts of ``data`` per size group, or None (one group, or other data)."""
+        for name in self._parts:
+            if data is getattr(self, name):
+                return self._parts[name]
+        return None
+
     def predict(self, params, data: PaddedData):
         """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy.
 
         Each size group runs on arrays narrowed to its window; its forces land in the
         first ``group.atoms`` slots (the rest stay zero, as for padding atoms)."""
         E_all = F_all = None
-        for g in self.groups(data):
+        parts = self._group_parts(data)
+        for k, g in enumerate(self.groups(data)):
             for pos, n in self._chunks(len(g.indices), self.predict_chunk(data, g)):
                 idx = g.indices[pos]         # the chunk's padding repeats a group member
-                batch = narrow(take(data, jnp.asarray(idx)), g.atoms, g.pairs)
+                batch = (take(parts[k], jnp.asarray(pos)) if parts is not None else
+                         narrow(take(data, jnp.asarray(idx)), g.atoms, g.pairs))
                 E, F = (np.asarray(a) for a in self._predict(params, batch))
                 if E_all is None:
                     E_all = np.zeros((len(data),) + E.shape[1:], E.dtype)
@@ -500,9 +526,13 @@ class Trainer:
             weight = np.zeros(self.batch, np.float32)
             weight[:len(idx)] = 1
             idx = np.concatenate([idx, np.full(self.batch - len(idx), pad)])
+            data = self.train
+            if "train" in self._parts:  # the group's own part, already narrowed
+                data, idx, window = (self._parts["train"][self._group_of[pad]],
+                                     self._row_of[idx], None)
             lr = learning_rate(self.cfg, state.step, self.steps_per_epoch, state.planned_steps)
             state.params, state.opt_state, per = self._step(
-                state.params, state.opt_state, self.train, jnp.asarray(idx, jnp.int32),
+                state.params, state.opt_state, data, jnp.asarray(idx, jnp.int32),
                 jnp.asarray(weight, self.dtype), jnp.asarray(lr, self.dtype), window)
             losses.append(per)
             state.step += 1
