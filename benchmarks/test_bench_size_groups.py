@@ -10,21 +10,25 @@ configurations as they are and 8 repeated 2 x 2 x 2 (480 atoms; a periodic confi
 repeated is a configuration, energies x 8, forces tiled). The article's model, numba
 kernels, float32, batches of 8: one epoch (6 steps) with every batch padded to 480 atoms
 (``size_groups=1``) against batches drawn within two size groups (``size_groups=2``:
-five batches of 60-atom configurations, one of 480-atom ones). Self-contained: no ../shared.
+five batches of 60-atom configurations, one of 480-atom ones), and the megabytes of
+training data each keeps on the device. Self-contained: no ../shared.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from conftest import module_summary, timed_pedantic
 
 _RESULTS: dict[int, float] = {}
+_DEVICE_MB: dict[int, float] = {}   # the training set's arrays on the device
 
 
 def _lines():
     out = ["training epoch, 40 x 60 + 8 x 480 atoms, batches of 8 (numba, float32):"]
     for groups, seconds in sorted(_RESULTS.items()):
-        out.append(f"  size_groups {groups}: {1e3 * seconds:8.1f} ms per epoch (min)")
+        out.append(f"  size_groups {groups}: {1e3 * seconds:8.1f} ms per epoch (min), "
+                   f"data on the device {_DEVICE_MB[groups]:.1f} MB")
     if len(_RESULTS) == 2:
         out.append(f"  ratio: {_RESULTS[1] / _RESULTS[2]:.2f}x")
     return out
@@ -62,6 +66,8 @@ def test_epoch_mixed_sizes(benchmark, mixed_data, groups):
     trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend="numba",
                                                      size_groups=groups, fit_offset=False))
     assert len(trainer.train_groups) == groups
+    on_device = trainer._parts.get("train", [trainer.train])
+    _DEVICE_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(on_device)) / 2**20
     state = trainer.init_state()
 
     def epoch():
