@@ -60,7 +60,7 @@ def make_clusters(n: int, seed: int = 0):
             m = m.copy()
             m.rotate(rng.uniform(0, 360), rng.normal(size=3))
             m.positions += rng.normal(0, 0.05, m.positions.shape)
-            for _ in range(100):        # a place without contacts under 2.5 Å
+            for _ in range(100):  # a place without contacts under 2.5 Å (else left out)
                 shift = rng.uniform(-4.0, 4.0, 3)
                 if len(cluster) == 0 or np.min(np.linalg.norm(
                         (m.positions + shift)[:, None] - cluster.positions[None], axis=-1)) > 2.5:

@@ -292,8 +292,9 @@ def test_species_energies_only_where_compositions_vary(configs):
 
     model = tiny_model()
     # the same boxes relabelled half H, half O: one composition
-    even = [Configuration(symbols=["H", "O"] * (c.n_atoms // 2), positions=c.positions[:c.n_atoms
-                          // 2 * 2], cell=c.cell, pbc=True, energy=c.energy) for c in configs]
+    even = [Configuration(symbols=["H", "O"] * (c.n_atoms // 2),
+                          positions=c.positions[:c.n_atoms // 2 * 2], cell=c.cell, pbc=True,
+                          energy=c.energy) for c in configs]
     for data, mode, fitted in [(configs, "auto", True), (even, "auto", False),
                                (even, "fit", True), (configs, "none", False)]:
         padded = pad_configurations(data, model.species, model.r_cut, "reference")
@@ -743,14 +744,14 @@ def test_cli_trains_on_data_with_and_without_forces(tmp_path, configs, capsys):
 
 def test_cli_species_energies_on_data_of_varying_composition(tmp_path, configs, capsys):
     """Per-species offsets of hundreds of eV: the fitted table takes them up (energy MAE
-    under 1% of one common offset's after the same epochs), is saved with the model, is
+    under 1% of one common offset's after the same epoch), is saved with the model, is
     refitted after training on forces only, and a resumed run fits the same table."""
     data = write_extxyz(tmp_path / "off.extxyz", [_offset(c) for c in configs[:11]])
     mae, models = {}, {}
     for mode in ("auto", "none", "forces-only"):
         out, log = tmp_path / f"{mode}.nil", tmp_path / f"{mode}.json"
         extra = ["--forces-only"] if mode == "forces-only" else ["--species-energies", mode]
-        assert cli([data, "--out", out, "--epochs", 3, "--log", log, *extra, *COMMON]) == 0
+        assert cli([data, "--out", out, "--epochs", 1, "--log", log, *extra, *COMMON]) == 0
         mae[mode] = json.loads(log.read_text())["final"]["valid"]["all"]["energy_mae_mev_atom"]
         models[mode] = load(out)[0]
         err = capsys.readouterr().err
@@ -761,8 +762,31 @@ def test_cli_species_energies_on_data_of_varying_composition(tmp_path, configs, 
     table = np.asarray(models["auto"].species_energies)  # the LJ energies: a few eV at most
     np.testing.assert_allclose(table, [OFFSETS[s] for s in models["auto"].species], atol=5.0)
     assert models["forces-only"].species_energies != models["auto"].species_energies
-    assert cli([data, "--out", tmp_path / "auto.nil", "--epochs", 4, "--resume",
+    assert cli([data, "--out", tmp_path / "auto.nil", "--epochs", 2, "--resume",
                 *COMMON]) == 0
+
+
+def test_divergence_stops_the_run_and_keeps_the_best_model(tmp_path, xyz, monkeypatch, capsys):
+    """A NaN learning rate from the fifth step (the first of epoch 3) makes the parameters
+    NaN: the run stops after that epoch with a one-line error, the model file holds the
+    best epoch's finite parameters, the state file its last finite checkpoint."""
+    from neuralil_fast.training import loop
+
+    lr = loop.learning_rate
+    monkeypatch.setattr(loop, "learning_rate",
+                        lambda cfg, step, *a: math.nan if step >= 4 else lr(cfg, step, *a))
+    out, log = tmp_path / "d.nil", tmp_path / "d.json"
+    with jax.debug_nans(False):  # the NaN is the point here
+        rc = cli([xyz, "--out", out, "--epochs", 10, "--log", log, *COMMON])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    log = json.loads(log.read_text())
+    best = log["final"]["best_epoch"]
+    assert best in (1, 2) and len(log["epochs"]) == 2 and log["diverged"]["epoch"] == 3
+    assert "training diverged in epoch 3 (mean training loss nan)" in err, err
+    assert f"holds the model of epoch {best}" in err, err
+    for path in (out, Path(str(out) + ".state")):
+        assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(load(path)[1])), path
 
 
 def test_core_repulsion_option_takes_the_training_closest_approach(tmp_path, xyz, configs):

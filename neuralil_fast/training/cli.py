@@ -355,10 +355,21 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
         if args.log:
             _write_json(args.log, log)
 
-    state = trainer.fit(state, state_path=state_path, on_epoch=on_epoch,
-                        on_checkpoint=on_checkpoint,
-                        checkpoint_seconds=args.checkpoint_seconds)
+    from .loop import TrainingDiverged
+
+    diverged = None
+    try:
+        state = trainer.fit(state, state_path=state_path, on_epoch=on_epoch,
+                            on_checkpoint=on_checkpoint,
+                            checkpoint_seconds=args.checkpoint_seconds)
+    except TrainingDiverged as err:  # finish with the best model, then fail
+        diverged = err
+        log["diverged"] = {"epoch": err.epoch, "best_epoch": err.best_epoch}
     bar.close()
+    if diverged is not None and not diverged.best_epoch:
+        if args.log:
+            _write_json(args.log, log)
+        _fail(f"{diverged}; no model written")
     final = trainer.final_params(state)
     if trainer.model != model:  # trained on forces only: the species energies refitted
         model = trainer.model
@@ -393,4 +404,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
         print(f"without outliers {list(args.outliers)}: energy MAE "
               f"{_fmt(w, 'energy_mae_mev_atom', '.3f', 'meV/atom')}, force MAE "
               f"{_fmt(w, 'force_mae_mev_A', '.2f', 'meV/Å')}")
+    if diverged is not None:
+        _fail(f"{diverged}; {out} holds the model of epoch {diverged.best_epoch} (the state "
+              "file its last checkpoint before the divergence)")
     return 0

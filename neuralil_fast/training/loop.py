@@ -49,8 +49,8 @@ from .data import (PaddedData, SizeGroup, fit_species_energies, force_atom_mask,
                    size_groups, species_counts, take, to_device)
 from .losses import LossConfig, total_loss
 
-__all__ = ["TrainConfig", "Trainer", "TrainState", "metrics", "learning_rate", "ema_decay",
-           "SCHEDULES"]
+__all__ = ["TrainConfig", "Trainer", "TrainState", "TrainingDiverged", "metrics",
+           "learning_rate", "ema_decay", "SCHEDULES"]
 
 SCHEDULES = ("epoch", "run")
 
@@ -115,6 +115,18 @@ class TrainConfig:
             d.pop("size_groups")
         d["loss"] = dataclasses.asdict(self.loss)
         return d
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss of an epoch was not finite (NaN or inf): the parameters are lost,
+    the state's ``best_params`` (epoch ``best_epoch``, 0: none) are those to keep."""
+
+    def __init__(self, epoch: int, loss: float, best_epoch: int):
+        kept = (f"the best parameters are those of epoch {best_epoch}" if best_epoch else
+                "no epoch finished with a finite loss")
+        super().__init__(f"training diverged in epoch {epoch} (mean training loss {loss}); "
+                         f"{kept}: lower the learning rate (--lr-peak, --lr-start)")
+        self.epoch, self.loss, self.best_epoch = epoch, loss, best_epoch
 
 
 @dataclasses.dataclass
@@ -555,6 +567,8 @@ class Trainer:
         ``checkpoint_seconds`` have passed since the last write, and after the last
         epoch; ``on_checkpoint(state)`` follows each write.  (Writing the whole history
         after every one of thousands of 0.2 s epochs would cost more than the training.)
+        Raises :class:`TrainingDiverged` after an epoch whose loss is not finite, before
+        anything of that epoch is written (``state.best_params`` stay valid).
         """
         t_start = time.perf_counter()
         cfg = self.cfg
@@ -578,6 +592,8 @@ class Trainer:
         t_mark = time.perf_counter()
         while state.epoch < last:
             loss = self.run_epoch(state)
+            if not math.isfinite(loss):  # every later epoch would be lost time
+                raise TrainingDiverged(state.epoch, loss, state.best_epoch)
             valid = self.validate(state.eval_params)
             metric = self.selection_metric(valid) if valid else -float(state.epoch)
             improved = metric < state.best_metric
