@@ -270,7 +270,7 @@ def _offset(c):
 
 
 def test_fit_species_energies_is_the_least_squares_fit():
-    from neuralil_fast.training.data import fit_species_energies
+    from neuralil_fast.training.data import common_energy_per_atom, fit_species_energies
 
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 9, (20, 3)) + [1, 0, 0]
@@ -283,6 +283,13 @@ def test_fit_species_energies_is_the_least_squares_fit():
     one, E = np.array([[2, 0, 6], [3, 0, 9], [1, 0, 3]]), np.array([-70.0, -101.0, -36.0])
     n = one.sum(1)
     np.testing.assert_allclose(fit_species_energies(one, E), [n @ E / (n @ n)] * 3, rtol=1e-12)
+    # the common offset, one per column (committee members): each column's own least squares
+    cols = np.stack([E, 2 * E + n], axis=1)
+    c = common_energy_per_atom(n, cols)
+    assert c.shape == (2,)
+    for k in range(2):
+        np.testing.assert_allclose(c[k], np.linalg.lstsq(n[:, None], cols[:, k])[0][0],
+                                   rtol=1e-12)
 
 
 def test_species_energies_only_where_compositions_vary(configs):

@@ -172,11 +172,10 @@ def _with_species_energies(args, model, train, energy64):
     the network's bias already fits)."""
     import dataclasses
 
-    from .data import fit_species_energies, species_counts
+    from .data import compositions_vary, fit_species_energies, species_counts
 
     counts = species_counts(train, model.n_species)
-    fractions = counts / counts.sum(axis=1, keepdims=True)
-    varies = bool(np.ptp(fractions, axis=0).max() > 1e-9)
+    varies = compositions_vary(counts)
     if args.species_energies == "none" or (args.species_energies == "auto" and not varies):
         return model
     model = dataclasses.replace(model, species_energies=tuple(

@@ -27,7 +27,8 @@ from ..neighbors import allocate
 
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
            "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow",
-           "species_counts", "fit_species_energies"]
+           "species_counts", "common_energy_per_atom", "compositions_vary",
+           "fit_species_energies"]
 
 
 @jax.tree_util.register_dataclass
@@ -266,19 +267,36 @@ def species_counts(data: PaddedData, n_species: int) -> np.ndarray:
     return np.stack([np.sum(real & (sp == s), axis=1) for s in range(n_species)], axis=1)
 
 
+def common_energy_per_atom(n_atoms, energy):
+    """The least-squares c of energy ≈ N c: Σ N E / Σ N² (eV per atom).
+
+    n_atoms (C,); energy (C,) -> float, or (C, K) -> (K,) (one c per column)."""
+    n = np.asarray(n_atoms, np.float64)
+    return np.tensordot(n, np.asarray(energy, np.float64), axes=(0, 0)) / (n @ n)
+
+
+def compositions_vary(counts) -> bool:
+    """Whether the rows of counts (C, S) are not all proportional (the species' shares
+    differ between configurations): only then can per-species energies be told apart."""
+    counts = np.asarray(counts, np.float64)
+    fractions = counts / counts.sum(axis=1, keepdims=True)
+    return bool(np.ptp(fractions, axis=0).max() > 1e-9)
+
+
 def fit_species_energies(counts, energy) -> np.ndarray:
     """(S,) eV per atom: reference energies b with counts @ b ≈ energy (least squares).
 
     counts (C, S) atoms of each species; energy (C,) eV.  Solved in two stages, so that
-    what the data cannot tell apart stays equal: one common energy per atom c (the least
-    squares of energy ≈ N c, N the atom counts), then the smallest deviations δ (minimum
-    norm least squares on the residual), b = c + δ.  Data of one composition (all rows
-    proportional) gives b = c for every species; a species absent from the data gets c.
+    what the data cannot tell apart stays equal: one common energy per atom c
+    (:func:`common_energy_per_atom`), then the smallest deviations δ (minimum norm least
+    squares on the residual), b = c + δ.  Data of one composition (all rows proportional,
+    :func:`compositions_vary` false) gives b = c for every species; a species absent from
+    the data gets c.
     """
     counts = np.asarray(counts, np.float64)
     energy = np.asarray(energy, np.float64)
     n = counts.sum(axis=1)
-    c = float(n @ energy / (n @ n))
+    c = common_energy_per_atom(n, energy)
     delta = np.linalg.lstsq(counts, energy - n * c, rcond=None)[0]
     return c + delta
 

@@ -45,8 +45,8 @@ import optax
 from ..backends import resolve_backend
 from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
-from .data import (PaddedData, SizeGroup, fit_species_energies, force_atom_mask, narrow,
-                   size_groups, species_counts, take, to_device)
+from .data import (PaddedData, SizeGroup, common_energy_per_atom, fit_species_energies,
+                   force_atom_mask, narrow, size_groups, species_counts, take, to_device)
 from .losses import LossConfig, total_loss
 
 __all__ = ["TrainConfig", "Trainer", "TrainState", "TrainingDiverged", "metrics",
@@ -425,13 +425,15 @@ class Trainer:
             out["without_outliers"] = metrics(*(a[keep] for a in args))
         return out
 
-    def fit_offset(self, params, data: PaddedData | None = None, energy64=None):
-        """Shift each member's per-atom bias by the least-squares offset c = Σ N ΔE / Σ N²."""
+    def fit_offset(self, params, data: PaddedData | None = None, energy64=None,
+                   predicted=None):
+        """Shift each member's per-atom bias by the least-squares offset c = Σ N ΔE / Σ N².
+
+        ``predicted`` (C, K) eV: the members' energies on ``data`` where already known."""
         data = self.train if data is None else data
         energy64 = self.train_energy64 if energy64 is None else energy64
-        E, _ = self.predict(params, data)  # (C, K)
-        n = np.asarray(data.n_atoms, np.float64)
-        c = ((energy64[:, None] - E) * n[:, None]).sum(0) / (n * n).sum()  # (K,)
+        E = self.predict(params, data)[0] if predicted is None else predicted  # (C, K)
+        c = common_energy_per_atom(data.n_atoms, np.asarray(energy64)[:, None] - E)  # (K,)
         bias = params["params"]["denormalizer"]["bias"]
         new_bias = bias + jnp.asarray(c, bias.dtype).reshape((-1,) + (1,) * (bias.ndim - 1))
         params = jax.tree.map(lambda a: a, params)
@@ -635,19 +637,24 @@ class Trainer:
             checkpoint()
         return state
 
-    def refit_species_energies(self, params, data: PaddedData | None = None, energy64=None):
+    def refit_species_energies(self, params, data: PaddedData | None = None, energy64=None,
+                               predicted=None):
         """``self.model`` with its species energies moved by the least-squares fit of the
-        residual energies of the committee mean on ``data`` (default: the training set).
+        residual energies of the committee mean on ``data`` (default: the training set),
+        and the members' energies (C, K) eV on ``data`` under the new table.
 
         For training on forces only, which leaves the network's energy per species free
-        (one table for all members; :meth:`final_params` then fits each member's offset)."""
+        (one table for all members; :meth:`final_params` then fits each member's offset).
+        ``predicted`` (C, K) eV: the members' energies on ``data`` where already known."""
         data = self.train if data is None else data
         energy64 = self.train_energy64 if energy64 is None else energy64
-        E, _ = self.predict(params, data)
-        delta = fit_species_energies(species_counts(data, self.model.n_species),
-                                     np.asarray(energy64) - E.mean(1))
+        E = self.predict(params, data)[0] if predicted is None else predicted
+        counts = species_counts(data, self.model.n_species)
+        delta = fit_species_energies(counts, np.asarray(energy64) - E.mean(1))
         table = np.asarray(self.model.species_energies or np.zeros(self.model.n_species))
-        return dataclasses.replace(self.model, species_energies=tuple(table + delta))
+        # the table adds counts @ delta to every member's energy: no second prediction
+        return (dataclasses.replace(self.model, species_energies=tuple(table + delta)),
+                E + (counts @ delta)[:, None])
 
     def final_params(self, state: TrainState):
         """The best parameters; with the offset refitted when energies were not trained on.
@@ -656,9 +663,10 @@ class Trainer:
         committee mean's energy per species), so save ``self.model`` with these."""
         params = state.best_params
         if self.cfg.fit_offset and not self.cfg.loss.uses_energy:
+            predicted = None
             if self.model.species_energies is not None:
-                self.model = self.refit_species_energies(params)
-            params = self.fit_offset(params)   # each member's own offset
+                self.model, predicted = self.refit_species_energies(params)
+            params = self.fit_offset(params, predicted=predicted)  # each member's own offset
         return params
 
 
