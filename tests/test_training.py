@@ -491,7 +491,12 @@ def test_narrowed_batch_gives_the_same_loss_and_gradient(mixed_sizes, dtype, tol
 
 def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
     """With size groups: every configuration once per epoch, each batch from one group;
-    predictions equal the ungrouped ones; a resumed run repeats the uninterrupted one."""
+    predictions equal the ungrouped ones; each group's configurations sit on the device
+    narrowed to its window, and an epoch on them takes the same steps as the whole padded
+    set narrowed inside each step; a resumed run repeats the uninterrupted one."""
+    from neuralil_fast.training.data import to_device
+    from neuralil_fast.training.loop import learning_rate
+
     model = tiny_model()
     data = pad_configurations(mixed_sizes, model.species, model.r_cut, "reference", np.float64)
     train, valid = take(data, np.arange(9)), take(data, np.arange(9, 12))
@@ -519,6 +524,23 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
         np.testing.assert_allclose(E1, E2, rtol=1e-12)
         np.testing.assert_allclose(F1, F2, rtol=1e-10, atol=1e-12)
 
+    parts = grouped._parts["train"]
+    assert len(parts) == 2 and grouped.train is train      # the full set stays on the host
+    assert sum(p.positions.shape[0] * p.max_atoms for p in parts) < len(train) * train.max_atoms
+    assert sum(p.centers.size for p in parts) < train.centers.size
+    state = grouped.init_state()
+    params, opt_state, full = state.params, state.opt_state, to_device(train)
+    batches = grouped.epoch_batches(0)
+    grouped.run_epoch(state)
+    for step, (idx, pad, window) in enumerate(batches):     # the oracle: one storage
+        weight = (np.arange(3) < len(idx)).astype(np.float64)
+        idx = np.concatenate([idx, np.full(3 - len(idx), pad)])
+        lr = learning_rate(grouped.cfg, step, grouped.steps_per_epoch, None)
+        params, opt_state, _ = grouped._step(params, opt_state, full, jnp.asarray(idx, jnp.int32),
+                                             jnp.asarray(weight), jnp.asarray(lr), window)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
     whole = grouped.fit(grouped.init_state())
     first = trainer(2, epochs=1)
     first.fit(first.init_state(), state_path=tmp_path / "s.state")
@@ -526,35 +548,6 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
     resumed = again.fit(again.load_state(tmp_path / "s.state"))
     assert _params_equal(resumed.params, whole.params)
     assert not _params_equal(whole.params, plain.fit(plain.init_state()).params)
-
-
-def test_size_groups_keep_each_group_narrowed_on_the_device(mixed_sizes, x64):
-    """Several groups: each group's configurations sit on the device narrowed to its
-    window (fewer atom and pair slots than the whole set padded to its largest), and an
-    epoch on them takes the same steps as the whole padded set narrowed inside each step."""
-    from neuralil_fast.training.data import to_device
-    from neuralil_fast.training.loop import learning_rate
-
-    model = tiny_model()
-    data = pad_configurations(mixed_sizes, model.species, model.r_cut, "reference", np.float64)
-    trainer = Trainer(model, data, None, TrainConfig(epochs=1, batch_size=3,
-                                                     backend="reference", size_groups=2))
-    parts = trainer._parts["train"]
-    assert len(parts) == 2 and trainer.train is data        # the full set stays on the host
-    assert sum(p.positions.shape[0] * p.max_atoms for p in parts) < len(data) * data.max_atoms
-    assert sum(p.centers.size for p in parts) < data.centers.size
-    state = trainer.init_state()
-    params, opt_state, full = state.params, state.opt_state, to_device(data)
-    batches = trainer.epoch_batches(0)
-    trainer.run_epoch(state)
-    for step, (idx, pad, window) in enumerate(batches):     # the oracle: one storage
-        weight = (np.arange(3) < len(idx)).astype(np.float64)
-        idx = np.concatenate([idx, np.full(3 - len(idx), pad)])
-        lr = learning_rate(trainer.cfg, step, trainer.steps_per_epoch, None)
-        params, opt_state, _ = trainer._step(params, opt_state, full, jnp.asarray(idx, jnp.int32),
-                                             jnp.asarray(weight), jnp.asarray(lr), window)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
