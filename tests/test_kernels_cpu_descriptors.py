@@ -6,6 +6,7 @@ reference runs in float64 inside a ``jax.enable_x64(True)`` context.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -57,11 +58,24 @@ def run_jvp(d, offsets, species, tables, A, d_dot):
 _BUCKET = 1024
 
 
+@functools.lru_cache(maxsize=None)
+def _reference_jit(spec, n_atoms):
+    """One compilation per (spec, n_atoms, bucket): far faster than eager op-by-op runs,
+    whose first call compiles each primitive on its own (81 s against 36 s at n_max = 14)."""
+    def f(d, c, s, X_bar, d_dot):
+        g = lambda dd: descriptors_reference(spec, dd, c, s, n_atoms)
+        X, pullback = jax.vjp(g, d)
+        (d_bar,) = pullback(X_bar)
+        _, X_dot = jax.jvp(g, (d,), (d_dot,))
+        return X, density_coefficients(spec, d, c, s, n_atoms), d_bar, X_dot
+    return jax.jit(f)
+
+
 def reference(spec, d, centers, species, n_atoms, X_bar, d_dot):
-    """(X, A, vjp(X_bar), jvp(d_dot)) of the float64 JAX reference (eager).
+    """(X, A, vjp(X_bar), jvp(d_dot)) of the float64 JAX reference (jitted).
 
     The pair arrays are padded with padding rows (centre = n_atoms, d = 0) to a multiple
-    of _BUCKET so that JAX's per-primitive compilation cache is reused across calls.
+    of _BUCKET so that one compilation serves every pair count of a spec.
     """
     P = len(d)
     pad = -P % _BUCKET
@@ -70,15 +84,10 @@ def reference(spec, d, centers, species, n_atoms, X_bar, d_dot):
     centers = np.concatenate([centers, np.full(pad, n_atoms)])
     species = np.concatenate([species, np.zeros(pad, np.int32)])
     with jax.enable_x64(True):
-        d64 = jnp.asarray(d)
-        c = jnp.asarray(centers, jnp.int32)
-        s = jnp.asarray(species, jnp.int32)
-        f = lambda dd: descriptors_reference(spec, dd, c, s, n_atoms)
-        X, pullback = jax.vjp(f, d64)
-        (d_bar,) = pullback(jnp.asarray(X_bar, jnp.float64))
-        _, X_dot = jax.jvp(f, (d64,), (jnp.asarray(d_dot),))
-        A = density_coefficients(spec, d64, c, s, n_atoms)
-        X, A, d_bar, X_dot = (np.asarray(v) for v in (X, A, d_bar, X_dot))
+        out = _reference_jit(spec, n_atoms)(
+            jnp.asarray(d), jnp.asarray(centers, jnp.int32), jnp.asarray(species, jnp.int32),
+            jnp.asarray(X_bar, jnp.float64), jnp.asarray(d_dot))
+        X, A, d_bar, X_dot = (np.asarray(v) for v in out)
     return X, A, d_bar[:P], X_dot
 
 
