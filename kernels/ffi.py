@@ -107,8 +107,8 @@ here (jaxlib 0.10.2, numba 0.68, 2 cores, "omp" and "workqueue" layers):
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import hashlib
 import os
 import re
 import struct
@@ -117,6 +117,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -623,6 +624,19 @@ def _nb():
 
         return types.int64(api, msg, errc), codegen
 
+    @intrinsic
+    def cstr(typingctx, text):
+        """The address of ``text`` (a string literal) as a constant C string of the
+        compiled module: it lives as long as the code, and a cached handler keeps it."""
+        if not isinstance(text, types.StringLiteral):
+            return None
+        value = text.literal_value
+
+        def codegen(context, builder, sig, args):
+            return builder.ptrtoint(context.insert_const_string(builder.module, value), i64)
+
+        return types.intp(text), codegen
+
     ptr_casts = {}
 
     def ptr_cast(dt: np.dtype):
@@ -653,18 +667,14 @@ def _nb():
         st64=st64,
         st32=st32,
         make_error=make_error,
+        cstr=cstr,
         ptr_cast=ptr_cast,
     )
 
 
-# C strings referenced by compiled handlers must outlive them: keep them here.
-_CSTRINGS: list[Any] = []
-
-
-def _cstr(msg: str) -> int:
-    buf = ctypes.create_string_buffer(msg.encode("utf-8", "replace"))
-    _CSTRINGS.append(buf)
-    return ctypes.addressof(buf)
+def _cstr(msg: str) -> str:
+    """Source of the handler's constant C string ``msg``."""
+    return f"cstr({msg!r})"
 
 
 def _build_handler(target: str, impl: Callable, in_specs, out_specs):
@@ -682,6 +692,7 @@ def _build_handler(target: str, impl: Callable, in_specs, out_specs):
         "st64": nb["st64"],
         "st32": nb["st32"],
         "make_error": nb["make_error"],
+        "cstr": nb["cstr"],
         "carray": numba.carray,
         "impl": impl,
     }
@@ -755,10 +766,93 @@ def _build_handler(target: str, impl: Callable, in_specs, out_specs):
     a(f"        return make_error(api, {msg_impl}, {E['XLA_FFI_Error_Code_INTERNAL']})")
     a("    return 0")
     src = "\n".join(L) + "\n"
-    ns: dict[str, Any] = {}
-    exec(compile(src, f"<ffi handler {target}>", "exec"), g, ns)
-    cf = numba.cfunc(types.intp(types.intp), nopython=True)(ns["handler"])
+    path = _handler_file(target, impl, src)
+    if path is None:
+        ns: dict[str, Any] = {}
+        exec(compile(src, f"<ffi handler {target}>", "exec"), g, ns)
+        handler = ns["handler"]
+    else:
+        handler = _load_handler(path, g)
+        # a cached handler links to numba's parallel runtime (a parallel impl's
+        # scheduler symbols), which numba registers only when its threads start
+        numba.get_num_threads()
+    cf = numba.cfunc(types.intp(types.intp), nopython=True, cache=path is not None)(handler)
     return cf, src
+
+
+def cache_dir() -> Path | None:
+    """Where compiled FFI handlers are kept between processes, or None (not kept).
+
+    ``NEURALIL_FAST_CACHE`` (a folder; ``0``, ``off`` or empty: no cache), else
+    ``$XDG_CACHE_HOME/neuralil_fast`` or ``~/.cache/neuralil_fast``."""
+    env = os.environ.get("NEURALIL_FAST_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "no", "false") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "neuralil_fast"
+
+
+def _handler_file(target: str, impl, src: str) -> Path | None:
+    """The handler's source as a file named by a hash of everything its machine code
+    depends on, for numba to cache (None: not cacheable, or no writable cache folder).
+
+    numba's cache checks only the cached function's own file, not the functions it
+    calls, so the name hashes the handler's source, ``impl``'s folder (its module and
+    the modules beside it, which it may call), this file, and the numba, llvmlite, jax
+    and Python versions: any change there is a new file, never a stale handler.  Only an
+    ``impl`` that numba itself caches (``cache=True``, no closure) qualifies."""
+    import inspect
+
+    import llvmlite
+    import numba
+    from numba.core.caching import NullCache
+
+    root = cache_dir()
+    py_func = getattr(impl, "py_func", None)
+    if (root is None or py_func is None or py_func.__closure__ is not None
+            or isinstance(getattr(impl, "_cache", None), NullCache | None)):
+        return None
+    try:
+        source = Path(inspect.getsourcefile(py_func)).resolve()
+    except (TypeError, OSError):
+        return None
+    import jax
+
+    h = hashlib.sha256()
+    h.update(src.encode())
+    h.update(f"{numba.__version__} {llvmlite.__version__} {jax.__version__} {sys.version}"
+             .encode())
+    for f in sorted(source.parent.glob("*.py")) + [Path(__file__).resolve()]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    path = root / "ffi" / f"{target}_{h.hexdigest()[:24]}.py"
+    if path.exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"# XLA FFI handler of {target}, generated by {__name__}\n{src}")
+        try:  # no overwrite: a rewritten file's new mtime would void numba's cache index
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    except OSError:
+        return None
+    return path
+
+
+def _load_handler(path: Path, g: dict) -> Callable:
+    """``handler`` of the file at ``path``, run with the globals ``g`` (the intrinsics)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_nf_ffi_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.update(g)
+    # numba's cache names the handler's module: it must be importable (in sys.modules)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.handler
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -842,3 +843,64 @@ def test_handler_build_failure_falls_back(monkeypatch):
         y = f(jnp.zeros(3))
     np.testing.assert_array_equal(y, [1.0, 1.0, 1.0])
     assert kern.target_name in ffi._FAILED
+
+
+# ---------------------------------------------------------------------------
+# compiled handlers kept between processes
+# ---------------------------------------------------------------------------
+
+_CACHED_RUN = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+import nf_cache_kernel
+from neuralil_fast.kernels.ffi import NumbaFFIKernel, _TARGETS
+k = NumbaFFIKernel("nf_test_cached", nf_cache_kernel.scale, ((np.float32, 1),),
+                   ((np.float32, 1),))
+x = jnp.arange(5.0, dtype=jnp.float32)
+(out,) = jax.jit(lambda x: k(x, out_shapes=[jax.ShapeDtypeStruct(x.shape, x.dtype)]))(x)
+print(json.dumps({"out": np.asarray(out).tolist(),
+                  "hits": _TARGETS[k.target_name]["cfunc"].cache_hits}))
+"""
+
+
+def test_handler_cache_between_processes(tmp_path):
+    """A handler compiled once is loaded by the next process (numba's cache of the
+    generated handler file); a changed kernel source is a new handler, never the stale
+    one; NEURALIL_FAST_CACHE=0 or an unusable folder compiles in the process, as before."""
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def kernel(factor):
+        (src / "nf_cache_kernel.py").write_text(textwrap.dedent(f"""
+            import numba
+
+            @numba.njit(cache=True, parallel=True)
+            def scale(x, out):
+                for i in numba.prange(x.shape[0]):
+                    out[i] = {factor} * x[i]
+            """))
+
+    def run(cache):
+        env = dict(os.environ, NEURALIL_FAST_CACHE=str(cache), NEURALIL_FAST_FFI="")
+        r = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(src)], capture_output=True,
+                           text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "pure_callback" not in r.stderr, r.stderr
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        return got["out"], got["hits"]
+
+    cache = tmp_path / "cache"
+    kernel(2.0)
+    assert run(cache) == ([0.0, 2.0, 4.0, 6.0, 8.0], 0)
+    assert run(cache) == ([0.0, 2.0, 4.0, 6.0, 8.0], 1)          # loaded, not compiled
+    assert len(list((cache / "ffi").glob("*.py"))) == 1
+    kernel(-3.25)                                               # impl changed: new handler
+    assert run(cache) == ([0.0, -3.25, -6.5, -9.75, -13.0], 0)
+    assert run(cache) == ([0.0, -3.25, -6.5, -9.75, -13.0], 1)
+    assert len(list((cache / "ffi").glob("*.py"))) == 2
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    for off in ("0", blocked):
+        assert run(off) == ([0.0, -3.25, -6.5, -9.75, -13.0], 0)
+    assert blocked.read_text() == "not a folder"
