@@ -11,7 +11,7 @@ from numba import njit
 from .neighbors import count_and_fill
 
 
-@njit
+@njit(cache=True)
 def build_pairs(positions, cell, pbc, r_cut, centers_out, neighbors_out, shifts_out, count_out):
     n_atoms = positions.shape[0]
     capacity = centers_out.shape[0]
