@@ -1,5 +1,5 @@
 import sys
 
-from neuralil_fast.cli import main
+from neuralil_fast.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

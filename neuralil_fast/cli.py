@@ -51,5 +51,28 @@ def main(argv=None) -> int:
         return 2
 
 
+def _compilation_cache() -> None:
+    """Keep XLA's compiled programs between runs of the command (jax's persistent cache)
+    in the folder of the compiled kernels (``NEURALIL_FAST_CACHE``; ``0``: none), unless
+    the user has chosen one (``JAX_COMPILATION_CACHE_DIR``).  Only for the command: a
+    program importing neuralil_fast keeps its own jax configuration."""
+    import os
+
+    from .kernels.ffi import cache_dir
+
+    root = cache_dir()
+    if root is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+
+
+def entry() -> int:
+    """The ``neuralil-fast`` program (``python -m neuralil_fast``)."""
+    _compilation_cache()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -293,6 +294,22 @@ def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
             assert main(args[:-1]) == 0
             table = capsys.readouterr().out
             assert "(0 with forces)" in table and "n/a" in table
+    # the program keeps its compiled kernels and XLA programs between runs: a second run
+    # loads them (nothing new written) and prints the same numbers
+    cache = tmp_path / "cache"
+    env = dict(os.environ, NEURALIL_FAST_CACHE=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "neuralil_fast", *args], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        metrics = json.loads(r.stdout)
+        metrics.pop("seconds")
+        runs.append((metrics, sorted(p.name for p in (cache / "xla").iterdir()),
+                     sorted(p.name for p in (cache / "ffi").glob("*.py"))))
+    assert runs[0][1] and runs[0][2] and runs[1] == runs[0]
 
 
 def test_padded_size_ladder():

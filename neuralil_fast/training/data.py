@@ -1,7 +1,7 @@
 """Padded, stacked training data with precomputed neighbour pairs.
 
 Positions do not change during training, so every configuration's neighbour
-pairs are found once (``neighbors.allocate``) and stored.  Configurations of
+pairs are found once (``neighbors.neighbor_pairs``) and stored.  Configurations of
 different sizes are padded to static shapes so that the jitted step compiles
 once:
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..geometry import species_indices
-from ..neighbors import allocate
+from ..neighbors import neighbor_pairs
 
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
            "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow",
@@ -153,7 +153,7 @@ def narrow(batch: PaddedData, atoms: int, pairs: int) -> PaddedData:
 
 
 def host_pairs(conf, r_cut: float, backend: str):
-    """Centre-sorted (i, j, S) numpy pairs of one configuration, found once on the host.
+    """(i, j, S) numpy pairs of one configuration sorted by (i, j, S), found once on the host.
 
     The kernels' neighbour search for a kernel backend; for "reference" ASE's
     ``neighbor_list("ijS")`` (the same pair set as ``neighbor_pairs_reference``, by the
@@ -171,13 +171,11 @@ def host_pairs(conf, r_cut: float, backend: str):
         i, j, S = neighbor_list("ijS", atoms, float(r_cut))
         order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
         return i[order], j[order], S[order]
+    # straight from the host kernel: a NeighborList (allocate) would build device arrays
+    # of each configuration's own capacity, an eager compilation per new pair count
     with jax.enable_x64(True):  # host pairs from float64 positions
-        nl = allocate(conf.positions, conf.cell, conf.pbc, r_cut, 0.0, capacity_multiplier=1.0,
-                      backend=backend)
-    n = int(nl.n_pairs)
-    if bool(nl.did_overflow):
-        raise RuntimeError("neighbour list overflow in allocate")
-    return np.asarray(nl.centers)[:n], np.asarray(nl.neighbors)[:n], np.asarray(nl.shifts)[:n]
+        return neighbor_pairs(positions=np.asarray(conf.positions, np.float64), cell=conf.cell,
+                              pbc=conf.pbc, r_cut=r_cut, backend=backend)
 
 
 def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "auto",
