@@ -637,18 +637,16 @@ class Trainer:
             checkpoint()
         return state
 
-    def refit_species_energies(self, params, data: PaddedData | None = None, energy64=None,
-                               predicted=None):
+    def refit_species_energies(self, params, data: PaddedData | None = None, energy64=None):
         """``self.model`` with its species energies moved by the least-squares fit of the
         residual energies of the committee mean on ``data`` (default: the training set),
         and the members' energies (C, K) eV on ``data`` under the new table.
 
         For training on forces only, which leaves the network's energy per species free
-        (one table for all members; :meth:`final_params` then fits each member's offset).
-        ``predicted`` (C, K) eV: the members' energies on ``data`` where already known."""
+        (one table for all members; :meth:`final_params` then fits each member's offset)."""
         data = self.train if data is None else data
         energy64 = self.train_energy64 if energy64 is None else energy64
-        E = self.predict(params, data)[0] if predicted is None else predicted
+        E = self.predict(params, data)[0]
         counts = species_counts(data, self.model.n_species)
         delta = fit_species_energies(counts, np.asarray(energy64) - E.mean(1))
         table = np.asarray(self.model.species_energies or np.zeros(self.model.n_species))
