@@ -157,8 +157,8 @@ def _numba_run(which: int, spec, dtype):
     dtype = jnp.dtype(dtype).name
     host_tables = _tables(spec.n_max, spec.r_cut, spec.n_species, dtype)
     if not jax.config.jax_enable_x64:
-        # Without x64, JAX cannot carry float64 tables: the kernels then run on
-        # float32 tables (numba compiles that variant).
+        # Without x64, JAX cannot carry float64 tables: the Bessel path (float32 above
+        # n_max = 13; float64 needs x64 anyway) then runs on float32 tables
         host_tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
                             for t in host_tables)
     kern = _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in host_tables))[which]

@@ -176,9 +176,11 @@ def test_ean_float32():
     check_all(spec, d, centers, species, n, {np.float32: 1e-5, np.float64: 1e-10})
 
 
-def test_ean_float32_tables():
-    """Every float table rounded to float32 (what kernels_api passes when JAX runs without x64):
-    the radial functions lose float64 accuracy but stay within float32 tolerance."""
+def test_ean_float32_bessel_path_on_float32_tables():
+    """Both float32 paths on float32 tables, within float32 tolerance: the polynomial path
+    (make_tables' float32 tables, what kernels_api passes with or without x64) and the
+    Bessel path on its float64 tables rounded to float32 (what kernels_api passes without
+    x64 where float32 has no polynomials, n_max > 13; here at n_max = 4)."""
     d, centers, species, n = ean_pairs()
     spec = DescriptorSpec(n_species=4, r_cut=3.5, n_max=4)
     rng = np.random.default_rng(3)
@@ -187,9 +189,7 @@ def test_ean_float32_tables():
     d_dot = rng.normal(size=d.shape).astype(np.float32)
     Xr, Ar, gr, tr = reference(spec, d, centers, species, n, X_bar, d_dot)
     offsets = K.offsets_from_centers(centers, n)
-    # float32 tables: the polynomial path (what kernels_api passes without x64); float64
-    # tables rounded to float32: the Bessel path on float32 constants
-    for table_dtype in (np.float32, np.float64):
+    for table_dtype in (np.float32, np.float64):  # the polynomial path, the Bessel path
         tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
                        for t in K.make_tables(4, 3.5, 4, table_dtype))
         assert (len(tables[8]) > 0) == (table_dtype == np.float32)
@@ -276,8 +276,8 @@ def test_tables_shapes_and_dtypes():
         t = K.make_tables(4, 3.5, 4, dtype)
         assert len(t) == 9
         assert t[0].dtype == dtype and t[5].dtype == dtype and t[8].dtype == dtype
-        for a in t[1:5]:
-            assert a.dtype == np.float64  # radial tables: always float64
+        for a in t[1:5]:  # radial tables: float64 for the Bessel path
+            assert a.dtype == dtype
         for a in t:
             assert a.flags.c_contiguous
         assert t[6].dtype == np.int32 and t[7].dtype == np.int32
@@ -408,7 +408,8 @@ def test_high_order_generic_recurrence():
     too takes the Bessel path (its radial polynomials would need a degree above 32)."""
     rng = np.random.default_rng(11)
     spec = DescriptorSpec(n_species=2, r_cut=4.0, n_max=14)
-    assert K.make_tables(14, 4.0, 2, np.float32)[8].shape[0] == 0
+    tables = K.make_tables(14, 4.0, 2, np.float32)
+    assert tables[8].shape[0] == 0 and all(t.dtype == np.float64 for t in tables[1:5])
     n_atoms = 3
     centers = np.repeat(np.arange(n_atoms), [5, 0, 7]).astype(np.int32)
     u = rng.normal(size=(len(centers), 3))

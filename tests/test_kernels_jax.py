@@ -78,6 +78,40 @@ def test_descriptors_and_vjp_match_reference(dtype, seed, n_atoms, n_species, n_
         _close(ref["numba"][1][1], ref["reference"][1][1], tol * 10)
 
 
+
+def test_float32_results_do_not_depend_on_x64():
+    """float32 descriptors, their vjp and the double backward (jvp kernel) are the same
+    bits with and without jax_enable_x64: one table layout, one compiled variant."""
+    n_atoms, n_species, r_cut = 9, 3, 3.7  # r_cut^2 not a float32 number
+    positions, cell, species = _random_system(5, n_atoms, n_species)
+    spec = DescriptorSpec(n_species, r_cut, 4)
+    W = np.random.default_rng(5).normal(size=(n_atoms, spec.n_features)).astype(np.float32)
+
+    def run():
+        c, j, S, sp = _pairs(positions, cell, r_cut, species)
+        box = jnp.asarray(cell, jnp.float32)
+
+        def f(pos, w):
+            X = descriptors(spec, pair_displacements(pos, box, c, j, S), c, sp, n_atoms,
+                            backend="numba")
+            return jnp.sum(jnp.sin(X * w)), X
+
+        def force_loss(w, pos):  # its gradient in w runs the jvp kernel
+            return jnp.sum(jax.grad(lambda p: f(p, w)[0])(pos) ** 2)
+
+        x, w = jnp.asarray(positions, jnp.float32), jnp.asarray(W)
+        (_, X), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(x, w)
+        w_bar = jax.jit(jax.grad(force_loss))(w, x)
+        return [np.asarray(a) for a in (X, grad, w_bar)]
+
+    off = run()
+    with jax.enable_x64(True):
+        on = run()
+    for a, b in zip(off, on):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
 def _ean_inputs(ean_atoms):
     atoms = ean_atoms(0)
     model = NeuralIL(species=("C", "H", "N", "O"), r_cut=3.5, n_max=4, widths=(16, 8, 8))

@@ -37,7 +37,8 @@ own inputs, then its outputs:
         of them (a committee's members: one call instead of C).
 
 All float arrays of one call share the displacements' dtype (float32 or float64), except
-the radial tables (1-4), which are float64 for both.
+the radial tables (1-4), which are float64 where the Bessel path reads them (float64
+kernels, and float32 ones above n_max = 13; see Precision).
 
 Residual: A (N, S, n_nlm), written by the forward pass and read by both derivative
 kernels.  It is stored as the kernels use it: work item ch (centres c0 = 64 ch ..
@@ -128,7 +129,7 @@ _L_SPECIAL = 8  # Bessel recurrences specialised for l < _L_SPECIAL (generic loo
 
 # consts (input dtype): see make_tables
 _C_RCUT2, _C_ZERO, _C_ONE, _C_TWO = range(4)
-# rconsts (float64)
+# rconsts (float64, or float32 on the float32 polynomial path: see make_tables)
 _R_TWO_OVER_PI, _R_P1, _R_P2, _R_P3, _R_HALF, _R_ONE, _R_RCUT2, _R_DUMMY = range(8)
 _R_SIN = 8  # 6 coefficients
 _R_COS = 14  # 6 coefficients
@@ -174,15 +175,15 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
 
     0 consts     (2L+4,) dtype      [r_cut^2, 0, 1, 2, 3, ...]: float(k), k = 0 .. 2L+2, from slot 1
                                     (so that no arithmetic leaves the dtype)
-    1 rconsts    (20+2L+3,) float64 2/pi, pi/2 in three parts (Cody-Waite), 1/2, 1, r_cut^2,
+    1 rconsts    (20+2L+3,) rdtype  2/pi, pi/2 in three parts (Cody-Waite), 1/2, 1, r_cut^2,
                                     a dummy radius (r_cut/2) for empty slots, 6 sin and 6 cos
                                     polynomial coefficients, then float(k), k = 0 .. 2L+2
-    2 roots      (L, n_max+2) float64  u_{l,k} / r_cut (row l valid for k <= n_max-l+1),
+    2 roots      (L, n_max+2) rdtype   u_{l,k} / r_cut (row l valid for k <= n_max-l+1),
                                     L = n_max+1
-    3 W          (L, n_max+1, n_max+2) float64  g_nl(r) = sum_k W[l,n,k] j_l(roots[l,k] r):
+    3 W          (L, n_max+1, n_max+2) rdtype   g_nl(r) = sum_k W[l,n,k] j_l(roots[l,k] r):
                                     T_l @ [c1 on the diagonal, -c2 on the superdiagonal]
                                     / r_cut^1.5 (nonzero for k <= n+1)
-    4 series     (L, 3, K) float64  [l,0]: j_l(x) = x^l sum_k series[l,0,k] x^(2k);
+    4 series     (L, 3, K) rdtype     [l,0]: j_l(x) = x^l sum_k series[l,0,k] x^(2k);
                                     [l,1]: j_l'(x) = x^(l-1) sum_k series[l,1,k] x^(2k) (l >= 1),
                                            j_0'(x) = x sum_k series[0,1,k] x^(2k);
                                     [l,2,0]: the threshold below which the series is used
@@ -200,7 +201,11 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
                                     (see _radial_polynomials)
 
     Computed in float64 from ``neuralil_fast.basis.radial_basis``; ``dtype`` (float32 or
-    float64) must be the displacements' dtype.
+    float64) must be the displacements' dtype.  rdtype: float64, except float32 with
+    polynomials (``poly`` non-empty): that path reads only r_cut^2, 1 and the dummy radius
+    from tables 1-4 (still in float64 arithmetic), so float32 serves it, and then every
+    float32 caller (JAX with or without x64) runs one compiled variant with the same
+    results; each table layout is a numba compilation of the three kernels (minutes).
     """
     from neuralil_fast.basis import _series_threshold, radial_basis
 
@@ -271,8 +276,8 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
             pair_index[a, b] = pair_index[b, a] = q
             q += 1
     f = lambda x: np.ascontiguousarray(x, dtype=dtype)
-    f64 = lambda x: np.ascontiguousarray(x, dtype=np.float64)
-    return (f(consts), f64(rconsts), f64(roots), f64(W), f64(series), f(ylm), nl_index,
+    rf = lambda x: np.ascontiguousarray(x, dtype=np.float32 if len(poly) else np.float64)
+    return (f(consts), rf(rconsts), rf(roots), rf(W), rf(series), f(ylm), nl_index,
             pair_index, f(poly))
 
 
