@@ -1002,6 +1002,17 @@ class NumbaFFIKernel:
             jax.ffi.register_ffi_target(self.target_name, jax.ffi.pycapsule(cf.ctypes), platform="cpu")
             _TARGETS[self.target_name] = {"impl": self.impl, "cfunc": cf, "source": src}
 
+    def compile(self) -> None:
+        """Compile ``impl`` for the specs and, in FFI mode, build and register the handler,
+        without running anything (both land in their caches: later processes load them)."""
+        import numba
+        from numba import types
+
+        self.impl.compile(tuple(types.Array(numba.from_dtype(dt), r, "C")
+                                for dt, r in self.in_specs + self.out_specs))
+        if ffi_mode() == "ffi" and self.target_name not in _FAILED:
+            self.ensure_registered()
+
     # -- calls ----------------------------------------------------------------------
     def __call__(self, *args, out_shapes) -> tuple:
         """Run the kernel; returns a tuple of jax arrays (one per output)."""

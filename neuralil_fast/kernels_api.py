@@ -122,6 +122,18 @@ def _numba_kernels(dtype: str, table_specs: tuple):
     return fwd, vjp, jvp
 
 
+def compile_numba_kernels(dtype) -> None:
+    """Compile the numba descriptor kernels (forward, vjp, jvp) of one float dtype, with the
+    table layout :func:`_numba_run` passes for n_max <= 13, and their FFI handlers, without
+    running them.  Everything lands in numba's and the handler cache, so that processes
+    sharing those caches can split the first compilation (minutes; pytest-xdist workers
+    do, see tests/conftest.py)."""
+    dtype = np.dtype(dtype).name
+    tables = _tables(4, 3.0, 1, dtype)
+    for kern in _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in tables)):
+        kern.compile()
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu_tables(n_max: int, r_cut: float):
     from .kernels.gpu.descriptors import build_tables

@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,6 +76,59 @@ def dtype(request):
 @pytest.fixture
 def tol(dtype):
     return TOLERANCES[jnp.dtype(dtype).name]
+
+
+# --------------------------------------------------------------------------- compilation
+
+_SHARED_COMPILE_JOBS = ("float64", "float32")  # numba descriptor kernels per dtype (~3 min each cold)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _split_first_compilation(request):
+    """pytest-xdist workers split the first compilation of the numba descriptor kernels.
+
+    Without it, each worker compiles both dtypes' kernels when its tests first need them
+    (about 3 minutes each with empty caches, the workers at once): here worker k starts
+    with dtype k, the next dtype's lock tells it whether another worker is compiling that
+    one, and it waits for that worker instead (then loads from numba's and the handler
+    cache).  Only under xdist with two or more workers, when the kernel test files are
+    among the selected tests; with warm caches every job is a load.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2 or not worker[2:].isdigit():
+        return
+    kernel_files = {"test_kernels_jax.py", "test_kernels_cpu_descriptors.py"}
+    if not any(Path(str(item.fspath)).name in kernel_files for item in request.session.items):
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each worker compiles what it needs
+        return
+    from neuralil_fast.kernels_api import compile_numba_kernels, numba_available
+
+    if not numba_available():
+        return
+    # one lock folder per checkout and cache setting: other runs compile into other caches
+    key = "|".join([str(Path(__file__).resolve().parent), os.environ.get("NUMBA_CACHE_DIR", ""),
+                    os.environ.get("NEURALIL_FAST_CACHE", "")])
+    locks = Path(tempfile.gettempdir()) / (
+        f"neuralil_fast_compile_{os.getuid()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+    locks.mkdir(exist_ok=True)
+    k = int(worker[2:]) % len(_SHARED_COMPILE_JOBS)
+    waiting = []
+    for job in _SHARED_COMPILE_JOBS[k:] + _SHARED_COMPILE_JOBS[:k]:
+        lock = open(locks / job, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker is compiling it
+            waiting.append((job, lock))
+            continue
+        compile_numba_kernels(job)
+        lock.close()  # releases the lock
+    for job, lock in waiting:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        compile_numba_kernels(job)  # loads what the other worker compiled
+        lock.close()
 
 
 # --------------------------------------------------------------------------- shared data

@@ -112,6 +112,36 @@ def test_float32_results_do_not_depend_on_x64():
         np.testing.assert_array_equal(a, b)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compile_numba_kernels_builds_what_the_descriptors_call(monkeypatch, dtype):
+    """The warm-up (``compile_numba_kernels``, which the test workers split) compiles the
+    very kernels that forces and a force loss's parameter gradient call: same targets."""
+    from neuralil_fast import kernels_api
+    from neuralil_fast.kernels.ffi import NumbaFFIKernel
+
+    compiled, called = set(), set()
+    compile_, call = NumbaFFIKernel.compile, NumbaFFIKernel.__call__
+    monkeypatch.setattr(NumbaFFIKernel, "compile",
+                        lambda self: (compiled.add(self.target_name), compile_(self))[1])
+    monkeypatch.setattr(NumbaFFIKernel, "__call__", lambda self, *a, **k: (
+        called.add(self.target_name), call(self, *a, **k))[1])
+    kernels_api.compile_numba_kernels(dtype)
+    n_atoms, n_species, r_cut = 7, 2, 3.3
+    positions, cell, species = _random_system(2, n_atoms, n_species)
+    spec = DescriptorSpec(n_species, r_cut, 6)
+    with jax.enable_x64(dtype == "float64"):
+        c, j, S, sp = _pairs(positions, cell, r_cut, species)
+
+        def energy(pos, w):
+            d = pair_displacements(pos, jnp.asarray(cell, dtype), c, j, S)
+            return jnp.sum(jnp.tanh(descriptors(spec, d, c, sp, n_atoms, backend="numba") * w))
+
+        jax.jit(jax.grad(lambda w, x: jnp.sum(jax.grad(energy)(x, w) ** 2)))(
+            jnp.asarray(0.3, dtype), jnp.asarray(positions, dtype))
+    assert len(compiled) == 3 and called == compiled
+
+
 def _ean_inputs(ean_atoms):
     atoms = ean_atoms(0)
     model = NeuralIL(species=("C", "H", "N", "O"), r_cut=3.5, n_max=4, widths=(16, 8, 8))
