@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -115,6 +116,13 @@ def _split_first_compilation(request):
         f"neuralil_fast_compile_{os.getuid()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}")
     locks.mkdir(exist_ok=True)
     k = int(worker[2:]) % len(_SHARED_COMPILE_JOBS)
+
+    def compile_(job):
+        try:
+            compile_numba_kernels(job)
+        except Exception as err:  # noqa: BLE001 - the kernel tests report it themselves
+            warnings.warn(f"warm-up compilation of the {job} kernels failed: {err}")
+
     waiting = []
     for job in _SHARED_COMPILE_JOBS[k:] + _SHARED_COMPILE_JOBS[:k]:
         lock = open(locks / job, "w")
@@ -123,11 +131,11 @@ def _split_first_compilation(request):
         except BlockingIOError:  # another worker is compiling it
             waiting.append((job, lock))
             continue
-        compile_numba_kernels(job)
+        compile_(job)
         lock.close()  # releases the lock
     for job, lock in waiting:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        compile_numba_kernels(job)  # loads what the other worker compiled
+        compile_(job)  # loads what the other worker compiled
         lock.close()
 
 

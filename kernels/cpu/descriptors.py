@@ -203,7 +203,8 @@ def make_tables(n_max: int, r_cut: float, n_species: int, dtype=np.float64) -> t
     Computed in float64 from ``neuralil_fast.basis.radial_basis``; ``dtype`` (float32 or
     float64) must be the displacements' dtype.  rdtype: float64, except float32 with
     polynomials (``poly`` non-empty): that path reads only r_cut^2, 1 and the dummy radius
-    from tables 1-4 (still in float64 arithmetic), so float32 serves it, and then every
+    from tables 1-4 (the validity test and r_cut^2 - r^2 stay in float64 arithmetic, see
+    _poly_block), so float32 serves it, and then every
     float32 caller (JAX with or without x64) runs one compiled variant with the same
     results; each table layout is a numba compilation of the three kernels (minutes).
     """
