@@ -78,7 +78,6 @@ def test_descriptors_and_vjp_match_reference(dtype, seed, n_atoms, n_species, n_
         _close(ref["numba"][1][1], ref["reference"][1][1], tol * 10)
 
 
-
 def test_float32_results_do_not_depend_on_x64():
     """float32 descriptors, their vjp and the double backward (jvp kernel) are the same
     bits with and without jax_enable_x64: one table layout, one compiled variant."""
@@ -110,7 +109,6 @@ def test_float32_results_do_not_depend_on_x64():
     for a, b in zip(off, on):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_array_equal(a, b)
-
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
