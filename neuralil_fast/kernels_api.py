@@ -104,9 +104,14 @@ def _tables(n_max: int, r_cut: float, n_species: int, dtype: str):
     return make_tables(n_max, r_cut, n_species, np.dtype(dtype))
 
 
+def _numba_kernels(dtype: str, tables) -> tuple:
+    """(fwd, vjp, jvp) NumbaFFIKernel objects for one float dtype and the layout
+    (dtypes and ranks) of ``tables``."""
+    return _numba_kernels_for(dtype, tuple((t.dtype.type, t.ndim) for t in tables))
+
+
 @functools.lru_cache(maxsize=None)
-def _numba_kernels(dtype: str, table_specs: tuple):
-    """(fwd, vjp, jvp) NumbaFFIKernel objects for one float dtype and table layout."""
+def _numba_kernels_for(dtype: str, table_specs: tuple):
     from .kernels.cpu import descriptors as k
     from .kernels.ffi import NumbaFFIKernel
 
@@ -130,7 +135,7 @@ def compile_numba_kernels(dtype) -> None:
     do, see tests/conftest.py)."""
     dtype = np.dtype(dtype).name
     tables = _tables(4, 3.0, 1, dtype)
-    for kern in _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in tables)):
+    for kern in _numba_kernels(dtype, tables):
         kern.compile()
 
 
@@ -173,7 +178,7 @@ def _numba_run(which: int, spec, dtype):
         # n_max = 13; float64 needs x64 anyway) then runs on float32 tables
         host_tables = tuple(t.astype(np.float32) if t.dtype == np.float64 else t
                             for t in host_tables)
-    kern = _numba_kernels(dtype, tuple((t.dtype.type, t.ndim) for t in host_tables))[which]
+    kern = _numba_kernels(dtype, host_tables)[which]
     n_nlm = sum((spec.n_max - l + 1) * (2 * l + 1) for l in range(spec.n_max + 1))
 
     def call(d, offsets, species, *extra):
