@@ -89,7 +89,11 @@ is written to ``cache_dir()/ffi`` under a name that hashes the source, ``impl``'
 folder, this file and the numba, llvmlite, jax and Python versions, and compiled with
 ``cfunc(cache=True)``: later processes load it instead (17 s -> 0.9 s for the first
 descriptor call).  Its error messages are constant strings of the compiled module
-(``cstr``), so the source is the same in every process.
+(``cstr``), so the source is the same in every process.  Writing a new handler
+removes the same target's handlers of other versions written more than
+``STALE_HANDLER_DAYS`` ago, with numba's files of them (about 1 MB each): an
+upgrade does not leave its predecessors' handlers behind for good, and another
+install sharing the folder at worst compiles its handler once more.
 
 Threads: numba ``prange`` inside XLA
 ------------------------------------
@@ -802,6 +806,31 @@ def cache_dir() -> Path | None:
     return Path(base) / "neuralil_fast"
 
 
+# same-target handlers of other versions older than this are removed (days)
+STALE_HANDLER_DAYS = 14
+
+
+def _prune_stale_handlers(path: Path, target: str) -> None:
+    """Remove ``target``'s handler files other than ``path`` written more than
+    STALE_HANDLER_DAYS ago, and numba's index and data files of them."""
+    import time
+
+    cutoff = time.time() - STALE_HANDLER_DAYS * 86400
+    stem = re.compile(re.escape(target) + r"_[0-9a-f]{24}")
+    for old in path.parent.glob(f"{target}_*.py"):
+        if old == path or not stem.fullmatch(old.stem):
+            continue
+        try:
+            if old.stat().st_mtime >= cutoff:
+                continue
+            old.unlink()
+            # numba loads nothing of a removed index or data file: a miss, not an error
+            for f in (path.parent / "__pycache__").glob(f"{old.stem}.*"):
+                f.unlink()
+        except OSError:  # another process pruned it first, or a read-only folder
+            pass
+
+
 def _handler_file(target: str, impl, src: str) -> Path | None:
     """The handler's source as a file named by a hash of everything its machine code
     depends on, for numba to cache (None: not cacheable, or no writable cache folder).
@@ -849,6 +878,7 @@ def _handler_file(target: str, impl, src: str) -> Path | None:
             tmp.unlink()
     except OSError:
         return None
+    _prune_stale_handlers(path, target)
     return path
 
 

@@ -898,9 +898,24 @@ def test_handler_cache_between_processes(tmp_path):
     kernel(-3.25)                                               # impl changed: new handler
     assert run(cache) == ([0.0, -3.25, -6.5, -9.75, -13.0], 0)
     assert run(cache) == ([0.0, -3.25, -6.5, -9.75, -13.0], 1)
-    assert len(list((cache / "ffi").glob("*.py"))) == 2
+    assert len(list((cache / "ffi").glob("*.py"))) == 2           # both recent: kept
+    # a new version prunes the same target's handlers older than STALE_HANDLER_DAYS
+    # (and numba's files of them), not another target's
+    other = cache / "ffi" / f"nf_test_other_{'0' * 24}.py"
+    other.write_text("# another target")
+    aged = time.time() - (ffi.STALE_HANDLER_DAYS + 1) * 86400
+    for f in (cache / "ffi").rglob("*"):
+        os.utime(f, (aged, aged))
+    kernel(5.0)
+    assert run(cache) == ([0.0, 5.0, 10.0, 15.0, 20.0], 0)
+    handlers = sorted(p.name for p in (cache / "ffi").glob("*.py"))
+    assert len(handlers) == 2 and other.name in handlers
+    (new,) = set(handlers) - {other.name}
+    numba_files = list((cache / "ffi" / "__pycache__").iterdir())
+    assert numba_files and all(f.name.startswith(new[:-3] + ".") for f in numba_files)
+    assert run(cache) == ([0.0, 5.0, 10.0, 15.0, 20.0], 1)
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
     for off in ("0", blocked):
-        assert run(off) == ([0.0, -3.25, -6.5, -9.75, -13.0], 0)
+        assert run(off) == ([0.0, 5.0, 10.0, 15.0, 20.0], 0)
     assert blocked.read_text() == "not a folder"
