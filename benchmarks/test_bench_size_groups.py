@@ -11,7 +11,9 @@ repeated is a configuration, energies x 8, forces tiled). The article's model, n
 kernels, float32, batches of 8: one epoch (6 steps) with every batch padded to 480 atoms
 (``size_groups=1``) against batches drawn within two size groups (``size_groups=2``:
 five batches of 60-atom configurations, one of 480-atom ones), and the megabytes of
-training data each keeps on the device. Self-contained: no ../shared.
+training data each keeps on the device and on the host (size groups: the set built as
+``group_configurations``, as ``train --size-groups`` does, never padded to the largest).
+Self-contained: no ../shared.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from conftest import module_summary, timed_pedantic
 
 _RESULTS: dict[int, float] = {}
 _DEVICE_MB: dict[int, float] = {}   # the training set's arrays on the device
+_HOST_MB: dict[int, float] = {}     # the training set's arrays given to the Trainer
 
 
 def _lines():
     out = ["training epoch, 40 x 60 + 8 x 480 atoms, batches of 8 (numba, float32):"]
     for groups, seconds in sorted(_RESULTS.items()):
         out.append(f"  size_groups {groups}: {1e3 * seconds:8.1f} ms per epoch (min), "
-                   f"data on the device {_DEVICE_MB[groups]:.1f} MB")
+                   f"data on the device {_DEVICE_MB[groups]:.1f} MB, "
+                   f"on the host {_HOST_MB[groups]:.1f} MB")
     if len(_RESULTS) == 2:
         out.append(f"  ratio: {_RESULTS[1] / _RESULTS[2]:.2f}x")
     return out
@@ -43,8 +47,6 @@ def mixed_data():
 
     from neuralil_fast.io import Configuration, read_dataset
     from neuralil_fast.model import NeuralIL
-    from neuralil_fast.training.data import pad_configurations
-
     configs = read_dataset(files("neuralil_fast") / "data" / "ean_xtb.xyz")[:48]
     rep = 2 * 2 * 2
     shifts = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)])
@@ -54,15 +56,22 @@ def mixed_data():
         configs[k] = Configuration(symbols=c.symbols * rep, positions=pos, cell=2 * c.cell,
                                    pbc=c.pbc, energy=rep * c.energy,
                                    forces=np.tile(c.forces, (rep, 1)))
-    model = NeuralIL(species=("C", "H", "N", "O"))
-    return model, pad_configurations(configs, model.species, model.r_cut, "numba")
+    return NeuralIL(species=("C", "H", "N", "O")), configs
 
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_epoch_mixed_sizes(benchmark, mixed_data, groups):
+    from neuralil_fast.training.data import group_configurations, pad_configurations
     from neuralil_fast.training.loop import TrainConfig, Trainer
 
-    model, data = mixed_data
+    model, configs = mixed_data
+    if groups == 1:
+        data = pad_configurations(configs, model.species, model.r_cut, "numba")
+        _HOST_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(data)) / 2**20
+    else:
+        data = group_configurations(configs, model.species, model.r_cut, "numba",
+                                    max_groups=groups, batch=8)
+        _HOST_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(list(data.parts))) / 2**20
     trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend="numba",
                                                      size_groups=groups, fit_offset=False))
     assert len(trainer.train_groups) == groups

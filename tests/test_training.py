@@ -550,6 +550,86 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
     assert not _params_equal(whole.params, plain.fit(plain.init_state()).params)
 
 
+@pytest.fixture(scope="module")
+def mixed_partly_labelled(mixed_sizes):
+    """mixed_sizes with two configurations (one small, one large) without forces."""
+    return [dataclasses.replace(c, forces=None) if k in (4, 7) else c
+            for k, c in enumerate(mixed_sizes)]
+
+
+def test_grouped_data_is_the_padded_set_narrowed_per_group(mixed_partly_labelled):
+    """group_configurations stores each size group as the padded set narrowed to the
+    group's window, bit for bit, without padding the set to the largest; its per-
+    configuration views, species counts and closest approach are the padded set's, and
+    regroup moves configurations between any groupings."""
+    from neuralil_fast.training.data import (closest_approach, group_configurations, narrow,
+                                             regroup, size_groups, species_counts)
+
+    model, configs = tiny_model(), mixed_partly_labelled
+    dense = pad_configurations(configs, model.species, model.r_cut, "reference", np.float64)
+
+    def assert_same(a, b):
+        for f in dataclasses.fields(a):
+            x, y = np.asarray(getattr(a, f.name)), np.asarray(getattr(b, f.name))
+            assert x.dtype == y.dtype and x.shape == y.shape, f.name
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+
+    for G, B in ((1, 4), (2, 3), (3, 1)):
+        grouped = group_configurations(configs, model.species, model.r_cut, "reference",
+                                       np.float64, max_groups=G, batch=B)
+        want = size_groups(dense, G, B)
+        assert len(grouped.groups) == len(want) == min(G, 4 if G == 3 else G)
+        for g, w, part in zip(grouped.groups, want, grouped.parts):
+            assert (g.atoms, g.pairs) == (w.atoms, w.pairs)
+            np.testing.assert_array_equal(g.indices, w.indices)
+            assert_same(part, narrow(take(dense, g.indices), g.atoms, g.pairs))
+        assert len(grouped) == len(dense) and grouped.max_atoms == dense.max_atoms
+        for name in ("n_atoms", "energy", "force_mask", "forces", "atom_mask"):
+            np.testing.assert_array_equal(getattr(grouped, name), getattr(dense, name))
+        np.testing.assert_array_equal(species_counts(grouped, 2), species_counts(dense, 2))
+        np.testing.assert_array_equal(closest_approach(grouped, 2, model.r_cut),
+                                      closest_approach(dense, 2, model.r_cut))
+        if G > 1:  # memory: the groups' windows, not all x the largest
+            assert sum(p.centers.size for p in grouped.parts) < dense.centers.size
+            assert sum(p.positions.size for p in grouped.parts) < dense.positions.size
+        other = size_groups(dense, 2, 2)
+        for a, b in zip(regroup(grouped, other).parts, regroup(dense, other).parts):
+            assert_same(a, b)
+    assert np.any(dense.force_mask == 0)
+    with pytest.raises(ValueError, match="configuration 1: .*Xe"):
+        group_configurations([configs[0], dataclasses.replace(configs[1], symbols=["Xe"] *
+                                                              configs[1].n_atoms)],
+                             model.species, model.r_cut, "reference", max_groups=2)
+
+
+def test_trainer_on_grouped_data_repeats_the_padded_run(mixed_partly_labelled, x64):
+    """A Trainer given GroupedData trains, predicts and validates bit for bit as one given
+    the padded sets (size groups 2, and 1: regrouped to one dense set)."""
+    from neuralil_fast.training.data import GroupedData, group_configurations
+
+    model, configs = tiny_model(), mixed_partly_labelled
+
+    def padded(part):
+        return pad_configurations(part, model.species, model.r_cut, "reference", np.float64)
+
+    def grouped(part, G, B):
+        return group_configurations(part, model.species, model.r_cut, "reference",
+                                    np.float64, max_groups=G, batch=B)
+
+    for G in (2, 1):
+        cfg = TrainConfig(epochs=2, batch_size=3, backend="reference", size_groups=G)
+        plain = Trainer(model, padded(configs[:9]), padded(configs[9:]), cfg)
+        other = Trainer(model, grouped(configs[:9], 2, 3), grouped(configs[9:], 2, 1), cfg)
+        assert isinstance(other.train, GroupedData) == (G > 1)
+        a, b = plain.fit(plain.init_state()), other.fit(other.init_state())
+        assert _params_equal(a.params, b.params)
+        assert [h["valid"] for h in a.history] == [h["valid"] for h in b.history]
+        assert np.isfinite(a.history[-1]["valid"]["all"]["force_mae_mev_A"])
+        for x, y in zip(plain.predict(a.params, plain.train), other.predict(b.params,
+                                                                             other.train)):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
 def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch, cap):
     """Whole-set and chunked (last chunk padded) predictions of a committee (members
@@ -711,6 +791,41 @@ def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
     atoms.calc = Calculator(single, backend="reference")
     np.testing.assert_allclose(atoms.get_potential_energy(), E[0], rtol=1e-6)
     assert "energy_uncertainty" not in atoms.calc.results
+
+
+def test_cli_size_groups_keep_each_set_in_its_groups(tmp_path, mixed_partly_labelled,
+                                                     monkeypatch):
+    """``train --size-groups 2`` builds each set in its size groups (never the whole set
+    padded to the largest) and writes the model, log and parity plot that the padded sets
+    give (the oracle: group_configurations swapped for pad_configurations)."""
+    pytest.importorskip("matplotlib")
+    from neuralil_fast.training import data
+
+    path = write_extxyz(tmp_path / "mixed.extxyz", mixed_partly_labelled)
+    built, real = [], data.group_configurations
+
+    def spy(*args, **kw):
+        built.append(real(*args, **kw))
+        return built[-1]
+
+    def padded(configs, species, r_cut, backend, dtype, max_groups, batch, progress):
+        return data.pad_configurations(configs, species, r_cut, backend, dtype,
+                                       progress=progress)
+
+    outputs = []
+    for name, swap in (("grouped", spy), ("padded", padded)):
+        monkeypatch.setattr(data, "group_configurations", swap)
+        out, log = tmp_path / f"{name}.nil", tmp_path / f"{name}.json"
+        assert cli([path, "--out", out, "--epochs", 2, "--size-groups", 2, "--log", log,
+                    "--parity", tmp_path / f"{name}.png", *COMMON]) == 0
+        outputs.append((load(out)[1], json.loads(log.read_text())))
+    assert [len(d.groups) for d in built] == [2, 2]          # training and validation sets
+    assert built[0].parts[0].max_atoms < built[0].max_atoms
+    (a, log_a), (b, log_b) = outputs
+    assert _params_equal(a, b)
+    assert log_a["final"]["valid"] == log_b["final"]["valid"]
+    assert [e["valid"] for e in log_a["epochs"]] == [e["valid"] for e in log_b["epochs"]]
+    assert (tmp_path / "grouped.png").stat().st_size > 1000
 
 
 def test_ablation_options_build_the_right_model(tmp_path, xyz):

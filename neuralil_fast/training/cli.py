@@ -275,7 +275,7 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     from ..backends import resolve_backend
     from ..committee import member, save_committee
     from ..model import save
-    from .data import pad_configurations, take
+    from .data import group_configurations, pad_configurations, take
     from .loop import TrainConfig, Trainer
 
     try:
@@ -294,14 +294,20 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     from tqdm import tqdm
 
     all_configs = list(train_configs) + list(valid_configs)
+    n_train = len(train_configs)
     with tqdm(total=len(all_configs), desc="neighbour lists", disable=not progress,
               file=sys.stderr, leave=False) as bar:
-        # One padding for both sets: the jitted prediction compiles once.
-        data = pad_configurations(all_configs, model.species, model.r_cut, backend, dtype,
-                                  progress=bar.update)
-    n_train = len(train_configs)
-    train = take(data, np.arange(n_train))
-    valid = take(data, np.arange(n_train, len(all_configs)))
+        if cfg.size_groups == 1:  # one padding for both sets: prediction compiles once
+            data = pad_configurations(all_configs, model.species, model.r_cut, backend,
+                                      dtype, progress=bar.update)
+            train = take(data, np.arange(n_train))
+            valid = take(data, np.arange(n_train, len(all_configs)))
+        else:  # each set in the trainer's size groups, never padded to the largest
+            train, valid = (group_configurations(
+                configs, model.species, model.r_cut, backend, dtype, cfg.size_groups, batch,
+                progress=bar.update) if configs else None
+                for configs, batch in ((train_configs, min(cfg.batch_size, n_train)),
+                                       (valid_configs, 1)))
     if args.core_repulsion:
         import dataclasses
 

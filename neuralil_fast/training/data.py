@@ -13,10 +13,16 @@ once:
                                 forces are zeros and enter no loss or metric)
 
 N is the largest atom count, P the largest pair count (or a given capacity).
+
+Data of mixed sizes can instead be kept as size groups (:class:`GroupedData`, from
+:func:`group_configurations`): each group's configurations padded to that group's own
+largest atom and pair counts only, so memory follows the sum over the groups, never
+all configurations x the largest.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +34,7 @@ from ..neighbors import neighbor_pairs
 __all__ = ["PaddedData", "pad_configurations", "split_indices", "take", "closest_approach",
            "force_atom_mask", "SizeGroup", "size_groups", "epoch_slots", "narrow",
            "species_counts", "common_energy_per_atom", "compositions_vary",
-           "fit_species_energies"]
+           "fit_species_energies", "GroupedData", "group_configurations", "regroup"]
 
 
 @jax.tree_util.register_dataclass
@@ -87,12 +93,20 @@ def size_groups(data: PaddedData, max_groups: int, batch: int) -> list[SizeGroup
     the splits of the sorted atom counts into contiguous runs (dynamic programming over
     the distinct counts).  One group (``max_groups`` 1) is the whole set at full size.
     """
-    n_atoms = np.asarray(data.n_atoms).astype(np.int64)
-    n_pairs = np.sum(np.asarray(data.centers) < data.max_atoms, axis=1)
+    n_pairs = (data.n_pairs if isinstance(data, GroupedData) else
+               np.sum(np.asarray(data.centers) < data.max_atoms, axis=1))
+    return _size_groups(np.asarray(data.n_atoms).astype(np.int64), n_pairs, data.max_atoms,
+                        data.capacity, max_groups, batch)
+
+
+def _size_groups(n_atoms, n_pairs, max_atoms: int, capacity: int, max_groups: int,
+                 batch: int) -> list[SizeGroup]:
+    """:func:`size_groups` of configurations of ``n_atoms`` atoms and ``n_pairs`` pairs
+    (C,), stored ``max_atoms`` x ``capacity`` wide (the window of one group)."""
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1, got {max_groups}")
     if max_groups == 1 or len(n_atoms) == 0:
-        return [SizeGroup(data.max_atoms, data.capacity, np.arange(len(n_atoms)))]
+        return [SizeGroup(max_atoms, capacity, np.arange(len(n_atoms)))]
     sizes, counts = np.unique(n_atoms, return_counts=True)
     m = len(sizes)
     upto = np.concatenate([[0], np.cumsum(counts)])        # configurations below size i
@@ -178,6 +192,83 @@ def host_pairs(conf, r_cut: float, backend: str):
                               pbc=conf.pbc, r_cut=r_cut, backend=backend)
 
 
+def _host_rows(configs, species: tuple, r_cut: float, backend: str, max_atoms=None,
+               progress=None) -> list[dict]:
+    """One checked row per configuration (unpadded numpy: positions, cell, species,
+    centers, neighbors, shifts, energy, forces or None), its pairs found on the host."""
+    if not configs:
+        raise ValueError("no configurations to pad")
+    rows = []
+    for k, c in enumerate(configs):
+        if c.energy is None:
+            raise ValueError(f"configuration {k} lacks an energy")
+        if c.n_atoms == 0:  # its energy per atom, a loss term, would be 0 / 0
+            raise ValueError(f"configuration {k} has no atoms")
+        if max_atoms is not None and c.n_atoms > max_atoms:
+            raise ValueError(f"configuration {k} has {c.n_atoms} atoms, more than {max_atoms}")
+        try:
+            sp = species_indices(c.numbers, tuple(species))
+        except ValueError as err:
+            raise ValueError(f"configuration {k}: {err}") from None
+        i, j, S = host_pairs(c, r_cut, backend)
+        rows.append(dict(positions=c.positions, cell=c.cell, species=sp, centers=i,
+                         neighbors=j, shifts=S, energy=c.energy, forces=c.forces))
+        if progress is not None:
+            progress()
+    return rows
+
+
+def _data_rows(data: PaddedData) -> list[dict]:
+    """The rows of every configuration of ``data`` (as :func:`_host_rows` gives them)."""
+    arrays = {f.name: np.asarray(getattr(data, f.name)) for f in dataclasses.fields(data)}
+    rows = []
+    for k in range(len(data)):
+        n, p = int(arrays["n_atoms"][k]), int(np.sum(arrays["centers"][k] < data.max_atoms))
+        rows.append(dict(
+            positions=arrays["positions"][k, :n], cell=arrays["cell"][k],
+            species=arrays["species"][k, :n], centers=arrays["centers"][k, :p],
+            neighbors=arrays["neighbors"][k, :p], shifts=arrays["shifts"][k, :p],
+            energy=arrays["energy"][k],
+            forces=arrays["forces"][k, :n] if arrays["force_mask"][k] else None))
+    return rows
+
+
+def _stack(rows: list[dict], n_max: int, p_max: int, dtype) -> PaddedData:
+    """``rows`` padded to ``n_max`` atoms and ``p_max`` pairs (see the module docstring)."""
+    C = len(rows)
+    out = dict(
+        positions=np.zeros((C, n_max, 3), dtype), cell=np.zeros((C, 3, 3), dtype),
+        species=np.zeros((C, n_max), np.int32), atom_mask=np.zeros((C, n_max), dtype),
+        centers=np.full((C, p_max), n_max, np.int32),
+        neighbors=np.full((C, p_max), n_max, np.int32),
+        shifts=np.zeros((C, p_max, 3), np.int32), energy=np.zeros((C,), np.float64),
+        forces=np.zeros((C, n_max, 3), dtype), n_atoms=np.zeros((C,), dtype),
+        force_mask=np.zeros((C,), dtype),
+    )
+    for k, r in enumerate(rows):
+        n, p = len(r["species"]), len(r["centers"])
+        if p > p_max:
+            raise ValueError(f"configuration {k} has {p} pairs, more than the capacity {p_max}")
+        out["positions"][k, :n] = r["positions"]
+        out["cell"][k] = r["cell"]
+        out["species"][k, :n] = r["species"]
+        out["atom_mask"][k, :n] = 1
+        out["centers"][k, :p] = r["centers"]
+        out["neighbors"][k, :p] = r["neighbors"]
+        out["shifts"][k, :p] = r["shifts"]
+        out["energy"][k] = r["energy"]
+        if r["forces"] is not None:
+            out["forces"][k, :n] = r["forces"]
+            out["force_mask"][k] = 1
+        out["n_atoms"][k] = n
+    out["energy"] = out["energy"].astype(dtype)
+    return PaddedData(**out)
+
+
+def _capacity(rows) -> int:
+    return max(16, max(len(r["centers"]) for r in rows))
+
+
 def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "auto",
                        dtype=np.float32, max_atoms: int | None = None,
                        capacity: int | None = None, progress=None) -> PaddedData:
@@ -188,53 +279,102 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
     Raises ValueError for configurations without an energy or without atoms, or with
     elements outside ``species``.
     """
-    if not configs:
-        raise ValueError("no configurations to pad")
+    rows = _host_rows(configs, species, r_cut, backend, max_atoms, progress)
     n_max = max(c.n_atoms for c in configs) if max_atoms is None else int(max_atoms)
-    pairs = []
-    for k, c in enumerate(configs):
-        if c.energy is None:
-            raise ValueError(f"configuration {k} lacks an energy")
-        if c.n_atoms == 0:  # its energy per atom, a loss term, would be 0 / 0
-            raise ValueError(f"configuration {k} has no atoms")
-        if c.n_atoms > n_max:
-            raise ValueError(f"configuration {k} has {c.n_atoms} atoms, more than {n_max}")
-        try:
-            sp = species_indices(c.numbers, tuple(species))
-        except ValueError as err:
-            raise ValueError(f"configuration {k}: {err}") from None
-        pairs.append((sp,) + host_pairs(c, r_cut, backend))
-        if progress is not None:
-            progress()
-    p_max = max(16, max(len(p[1]) for p in pairs)) if capacity is None else int(capacity)
-    C = len(configs)
-    out = dict(
-        positions=np.zeros((C, n_max, 3), dtype), cell=np.zeros((C, 3, 3), dtype),
-        species=np.zeros((C, n_max), np.int32), atom_mask=np.zeros((C, n_max), dtype),
-        centers=np.full((C, p_max), n_max, np.int32),
-        neighbors=np.full((C, p_max), n_max, np.int32),
-        shifts=np.zeros((C, p_max, 3), np.int32), energy=np.zeros((C,), np.float64),
-        forces=np.zeros((C, n_max, 3), dtype), n_atoms=np.zeros((C,), dtype),
-        force_mask=np.zeros((C,), dtype),
-    )
-    for k, (c, (sp, ci, nj, S)) in enumerate(zip(configs, pairs)):
-        n, p = c.n_atoms, len(ci)
-        if p > p_max:
-            raise ValueError(f"configuration {k} has {p} pairs, more than the capacity {p_max}")
-        out["positions"][k, :n] = c.positions
-        out["cell"][k] = c.cell
-        out["species"][k, :n] = sp
-        out["atom_mask"][k, :n] = 1
-        out["centers"][k, :p] = ci
-        out["neighbors"][k, :p] = nj
-        out["shifts"][k, :p] = S
-        out["energy"][k] = c.energy
-        if c.forces is not None:
-            out["forces"][k, :n] = c.forces
-            out["force_mask"][k] = 1
-        out["n_atoms"][k] = n
-    out["energy"] = out["energy"].astype(dtype)
-    return PaddedData(**out)
+    return _stack(rows, n_max, _capacity(rows) if capacity is None else int(capacity), dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupedData:
+    """A data set kept as size groups: ``parts[g]`` (a :class:`PaddedData`) holds the
+    configurations ``groups[g].indices`` (ascending) padded to that group's window
+    (``groups[g].atoms`` atoms, ``groups[g].pairs`` pairs) only.
+
+    Per configuration, in data-set order: ``n_atoms``, ``n_pairs``, ``energy``,
+    ``force_mask`` (C,); ``forces`` (C, max_atoms, 3) and ``atom_mask`` (C, max_atoms) are
+    assembled on first use (validation metrics).  ``Trainer`` takes it for ``train`` or
+    ``valid`` and keeps each part, as it is, on the device.
+    """
+
+    groups: tuple
+    parts: tuple
+
+    def __len__(self):
+        return sum(len(g.indices) for g in self.groups)
+
+    @property
+    def max_atoms(self) -> int:
+        return max(g.atoms for g in self.groups)
+
+    @property
+    def capacity(self) -> int:
+        """The pair slots of the set padded as one (by pad_configurations' rule)."""
+        return max(16, max(g.pairs for g in self.groups))
+
+    def _gather(self, per_part, shape=(), dtype=None):
+        """(C, *shape): ``per_part(part)`` of each group placed at its indices."""
+        first = np.asarray(per_part(self.parts[0]))
+        out = np.zeros((len(self),) + shape, dtype or first.dtype)
+        for g, part in zip(self.groups, self.parts):
+            value = np.asarray(per_part(part))
+            out[(g.indices,) + tuple(slice(0, n) for n in value.shape[1:])] = value
+        return out
+
+    @functools.cached_property
+    def n_atoms(self) -> np.ndarray:
+        return self._gather(lambda p: p.n_atoms)
+
+    @functools.cached_property
+    def n_pairs(self) -> np.ndarray:
+        return self._gather(lambda p: np.sum(np.asarray(p.centers) < p.max_atoms, axis=1))
+
+    @functools.cached_property
+    def energy(self) -> np.ndarray:
+        return self._gather(lambda p: p.energy)
+
+    @functools.cached_property
+    def force_mask(self) -> np.ndarray:
+        return self._gather(lambda p: p.force_mask)
+
+    @functools.cached_property
+    def forces(self) -> np.ndarray:
+        return self._gather(lambda p: p.forces, (self.max_atoms, 3))
+
+    @functools.cached_property
+    def atom_mask(self) -> np.ndarray:
+        return self._gather(lambda p: p.atom_mask, (self.max_atoms,))
+
+
+def _parts(rows: list[dict], groups: list[SizeGroup], dtype) -> GroupedData:
+    return GroupedData(tuple(groups), tuple(_stack([rows[i] for i in g.indices], g.atoms,
+                                                   g.pairs, dtype) for g in groups))
+
+
+def group_configurations(configs, species: tuple, r_cut: float, backend: str = "auto",
+                         dtype=np.float32, max_groups: int = 1, batch: int = 1,
+                         progress=None) -> GroupedData:
+    """``configs`` as :class:`GroupedData`: the size groups :func:`size_groups` chooses for
+    ``max_groups`` and ``batch``, each padded to its own window, without ever padding all
+    configurations to the largest.  Arguments and errors as :func:`pad_configurations`;
+    its parts equal ``narrow(take(pad_configurations(...), g.indices), g.atoms, g.pairs)``."""
+    rows = _host_rows(configs, species, r_cut, backend, progress=progress)
+    n_atoms = np.array([len(r["species"]) for r in rows])
+    groups = _size_groups(n_atoms, np.array([len(r["centers"]) for r in rows]),
+                          int(n_atoms.max()), _capacity(rows), max_groups, batch)
+    return _parts(rows, groups, dtype)
+
+
+def regroup(data: PaddedData | GroupedData, groups: list[SizeGroup]) -> GroupedData:
+    """``data`` (host numpy) re-stored as the size groups ``groups``."""
+    if isinstance(data, GroupedData):
+        rows = [None] * len(data)
+        for g, part in zip(data.groups, data.parts):
+            for i, row in zip(g.indices, _data_rows(part)):
+                rows[i] = row
+        dtype = data.parts[0].positions.dtype
+    else:
+        rows, dtype = _data_rows(data), data.positions.dtype
+    return _parts(rows, groups, dtype)
 
 
 def closest_approach(data: PaddedData, n_species: int, r_cut: float) -> np.ndarray:
@@ -244,6 +384,8 @@ def closest_approach(data: PaddedData, n_species: int, r_cut: float) -> np.ndarr
     onset table for ``NeuralIL(core_repulsion=...)``: no pair of ``data`` then feels the
     wall.
     """
+    if isinstance(data, GroupedData):
+        return np.min([closest_approach(p, n_species, r_cut) for p in data.parts], axis=0)
     out = np.full((n_species, n_species), float(r_cut))
     pos = np.asarray(data.positions, np.float64)
     cell = np.asarray(data.cell, np.float64)
@@ -260,6 +402,8 @@ def closest_approach(data: PaddedData, n_species: int, r_cut: float) -> np.ndarr
 
 def species_counts(data: PaddedData, n_species: int) -> np.ndarray:
     """(C, S) int: the atoms of each species in each configuration (padding left out)."""
+    if isinstance(data, GroupedData):
+        return data._gather(lambda p: species_counts(p, n_species), (n_species,))
     sp = np.asarray(data.species)
     real = np.asarray(data.atom_mask) > 0
     return np.stack([np.sum(real & (sp == s), axis=1) for s in range(n_species)], axis=1)

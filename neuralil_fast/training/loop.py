@@ -45,8 +45,9 @@ import optax
 from ..backends import resolve_backend
 from ..committee import committee_evaluate_batch, committee_size, stack
 from ..model import NeuralIL, save, load
-from .data import (PaddedData, SizeGroup, common_energy_per_atom, fit_species_energies,
-                   force_atom_mask, narrow, size_groups, species_counts, take, to_device)
+from .data import (GroupedData, PaddedData, SizeGroup, common_energy_per_atom,
+                   fit_species_energies, force_atom_mask, narrow, regroup, size_groups,
+                   species_counts, take, to_device)
 from .losses import LossConfig, total_loss
 
 __all__ = ["TrainConfig", "Trainer", "TrainState", "TrainingDiverged", "metrics",
@@ -288,7 +289,9 @@ def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask
 class Trainer:
     """Trains ``model`` on padded data.
 
-    train, valid: :class:`PaddedData` (numpy or device arrays); valid may be None.
+    train, valid: :class:`PaddedData` (numpy or device arrays) or :class:`GroupedData`
+    (numpy; data of mixed sizes without the whole set padded to the largest; re-stored
+    where its groups are not this run's); valid may be None.
     energy_ref64: optional float64 reference energies of the validation set (metrics).
     valid_ids: dataset indices of the validation configurations; ``outliers``: the
     indices to leave out of the "without outliers" metrics.
@@ -308,11 +311,17 @@ class Trainer:
         # One group: the set on the device as given.  Several: each group's configurations
         # on the device narrowed to its window (memory: the sum over the groups of their
         # count x window instead of all configurations x the largest), the set as given
-        # kept where it is (host numpy from pad_configurations).
+        # kept where it is (host numpy from pad_configurations or group_configurations).
         self._parts = {}
         for name, data, groups in (("train", train, self.train_groups),
                                    ("valid", valid, self.valid_groups)):
-            if data is not None and len(groups) > 1:
+            if isinstance(data, GroupedData) and not _same_groups(data.groups, groups):
+                data = regroup(data, groups)
+            if isinstance(data, GroupedData) and len(groups) == 1:
+                data = data.parts[0]                 # one group in data-set order: dense
+            if isinstance(data, GroupedData):
+                self._parts[name] = [to_device(p) for p in data.parts]
+            elif data is not None and len(groups) > 1:
                 self._parts[name] = [to_device(narrow(take(data, g.indices), g.atoms, g.pairs))
                                      for g in groups]
             elif data is not None:
@@ -376,22 +385,25 @@ class Trainer:
             (group.atoms, len(group.indices))
         return max(self.batch, min(n, PREDICT_ATOMS // max(1, atoms)))
 
-    def groups(self, data: PaddedData) -> list[SizeGroup]:
-        """The size groups of ``data`` (those of the training and validation sets are kept)."""
+    def groups(self, data: PaddedData | GroupedData) -> list[SizeGroup]:
+        """The size groups of ``data`` (those of the training and validation sets are kept,
+        and those GroupedData is stored in)."""
         if data is self.train:
             return self.train_groups
         if data is self.valid:
             return self.valid_groups
+        if isinstance(data, GroupedData):
+            return list(data.groups)
         return size_groups(data, self.cfg.size_groups, 1)
 
-    def _group_parts(self, data: PaddedData):
-        """The device parts of ``data`` per size group, or None (one group, or other data)."""
+    def _group_parts(self, data: PaddedData | GroupedData):
+        """The parts of ``data`` per size group, or None (one group of PaddedData)."""
         for name in self._parts:
             if data is getattr(self, name):
                 return self._parts[name]
-        return None
+        return list(data.parts) if isinstance(data, GroupedData) else None
 
-    def predict(self, params, data: PaddedData):
+    def predict(self, params, data: PaddedData | GroupedData):
         """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy.
 
         Each size group runs on arrays narrowed to its window; its forces land in the
@@ -666,6 +678,12 @@ class Trainer:
                 self.model, predicted = self.refit_species_energies(params)
             params = self.fit_offset(params, predicted=predicted)  # each member's own offset
         return params
+
+
+def _same_groups(a, b) -> bool:
+    return len(a) == len(b) and all(
+        (x.atoms, x.pairs) == (y.atoms, y.pairs) and np.array_equal(x.indices, y.indices)
+        for x, y in zip(a, b))
 
 
 def _jsonable(obj):
