@@ -217,6 +217,17 @@ def initial_momenta(atoms, kT=0.05, seed=1):
     return p - p.mean(axis=0)
 
 
+def numerical_stress(atoms, eps=1e-6):
+    """ASE's central-difference stress (Voigt, eV/Å³) of ``atoms`` with its calculator
+    (``ase.calculators.fd`` from ASE 3.24; the calculator's own method, since deprecated,
+    before)."""
+    try:
+        from ase.calculators.fd import calculate_numerical_stress
+    except ImportError:
+        return atoms.calc.calculate_numerical_stress(atoms, d=eps)
+    return calculate_numerical_stress(atoms, eps=eps)
+
+
 def fd_forces(atoms, make_calc, rows, h=1e-5):
     """(len(rows), 3) central-difference forces, eV/Å, of the atoms ``rows``.
 

@@ -18,7 +18,7 @@ from ase.data import atomic_numbers
 from jax.test_util import check_grads
 
 import neuralil_fast as nf
-from conftest import fd_forces
+from conftest import fd_forces, numerical_stress
 from neuralil_fast.committee import committee_evaluate_jit, stack
 from neuralil_fast.io import Configuration
 from neuralil_fast.model import NeuralIL, core_repulsion_energies, load, save, zbl_pair
@@ -140,7 +140,7 @@ def test_wall_forces_and_stress_vs_finite_differences(backend, x64):
     fd = fd_forces(atoms, lambda: nf.Calculator(model, params, backend=backend), rows)
     np.testing.assert_allclose(forces[rows], fd, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
     np.testing.assert_allclose(atoms.get_stress(),
-                               atoms.calc.calculate_numerical_stress(atoms, d=1e-6),
+                               numerical_stress(atoms),
                                rtol=1e-6, atol=1e-6 * np.abs(atoms.get_stress()).max())
 
 

@@ -21,7 +21,7 @@ from ase import Atoms, units
 from ase.md.verlet import VelocityVerlet
 
 import neuralil_fast as nf
-from conftest import fd_forces
+from conftest import fd_forces, numerical_stress
 
 SPECIES = ("C", "H", "N", "O")
 
@@ -56,7 +56,7 @@ def test_forces_and_stress_vs_finite_differences(backend):
     rows = [0, 3, 7]  # a few atoms keep the test short; each sees Morse and NN terms
     fd = fd_forces(atoms, lambda: nf.Calculator(model, params, backend=backend), rows)
     np.testing.assert_allclose(forces[rows], fd, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
-    numerical = atoms.calc.calculate_numerical_stress(atoms, d=1e-6)
+    numerical = numerical_stress(atoms)
     np.testing.assert_allclose(stress, numerical, rtol=1e-6, atol=1e-6 * np.abs(stress).max())
     assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(),
                                                                  rel=1e-12)
