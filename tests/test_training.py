@@ -26,7 +26,7 @@ from neuralil_fast.committee import (committee_evaluate_jit, committee_size, loa
                                      stack, summarize)
 from neuralil_fast.io import Configuration, from_atoms, to_atoms
 from neuralil_fast.model import NeuralIL, load
-from neuralil_fast.training.data import pad_configurations, split_indices, take
+from neuralil_fast.training.data import PaddedData, pad_configurations, split_indices, take
 from neuralil_fast.training.losses import LossConfig, log_cosh, loss_terms, total_loss
 from neuralil_fast.training.loop import TrainConfig, Trainer, _loss_fn, ema_decay
 
@@ -494,7 +494,7 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
     predictions equal the ungrouped ones; each group's configurations sit on the device
     narrowed to its window, and an epoch on them takes the same steps as the whole padded
     set narrowed inside each step; a resumed run repeats the uninterrupted one."""
-    from neuralil_fast.training.data import to_device
+    from neuralil_fast.training.data import group_configurations, to_device
     from neuralil_fast.training.loop import learning_rate
 
     model = tiny_model()
@@ -542,6 +542,11 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
     whole = grouped.fit(grouped.init_state())
+    # the sets kept as size groups (GroupedData), never padded to the largest: the same run
+    stored = Trainer(model, *(group_configurations(
+        part, model.species, model.r_cut, "reference", np.float64, max_groups=2, batch=b)
+        for part, b in ((mixed_sizes[:9], 3), (mixed_sizes[9:], 1))), grouped.cfg)
+    assert _params_equal(stored.fit(stored.init_state()).params, whole.params)
     first = trainer(2, epochs=1)
     first.fit(first.init_state(), state_path=tmp_path / "s.state")
     again = trainer(2)
@@ -602,32 +607,32 @@ def test_grouped_data_is_the_padded_set_narrowed_per_group(mixed_partly_labelled
                              model.species, model.r_cut, "reference", max_groups=2)
 
 
-def test_trainer_on_grouped_data_repeats_the_padded_run(mixed_partly_labelled, x64):
-    """A Trainer given GroupedData trains, predicts and validates bit for bit as one given
-    the padded sets (size groups 2, and 1: regrouped to one dense set)."""
+def test_trainer_restores_grouped_data_in_its_own_groups(mixed_partly_labelled):
+    """GroupedData whose groups are not the run's is re-stored in the run's: with one
+    size group the Trainer holds the padded sets themselves (the training on GroupedData
+    itself: test_size_groups_train_predict_and_resume)."""
     from neuralil_fast.training.data import GroupedData, group_configurations
 
     model, configs = tiny_model(), mixed_partly_labelled
 
-    def padded(part):
-        return pad_configurations(part, model.species, model.r_cut, "reference", np.float64)
+    def trainer(G, built):
+        sets = [group_configurations(part, model.species, model.r_cut, "reference",
+                                     np.float32, max_groups=built, batch=1)
+                for part in (configs[:9], configs[9:])]
+        return Trainer(model, *sets, TrainConfig(batch_size=3, size_groups=G,
+                                                 backend="reference"))
 
-    def grouped(part, G, B):
-        return group_configurations(part, model.species, model.r_cut, "reference",
-                                    np.float64, max_groups=G, batch=B)
-
-    for G in (2, 1):
-        cfg = TrainConfig(epochs=2, batch_size=3, backend="reference", size_groups=G)
-        plain = Trainer(model, padded(configs[:9]), padded(configs[9:]), cfg)
-        other = Trainer(model, grouped(configs[:9], 2, 3), grouped(configs[9:], 2, 1), cfg)
-        assert isinstance(other.train, GroupedData) == (G > 1)
-        a, b = plain.fit(plain.init_state()), other.fit(other.init_state())
-        assert _params_equal(a.params, b.params)
-        assert [h["valid"] for h in a.history] == [h["valid"] for h in b.history]
-        assert np.isfinite(a.history[-1]["valid"]["all"]["force_mae_mev_A"])
-        for x, y in zip(plain.predict(a.params, plain.train), other.predict(b.params,
-                                                                             other.train)):
+    one = trainer(1, 2)
+    for data, part in ((one.train, configs[:9]), (one.valid, configs[9:])):
+        assert isinstance(data, PaddedData)
+        want = pad_configurations(part, model.species, model.r_cut, "reference", np.float32)
+        for x, y in zip(jax.tree.leaves(data), jax.tree.leaves(want)):
             np.testing.assert_array_equal(x, y)
+    two = trainer(2, 3)                            # three groups given, two run
+    assert isinstance(two.train, GroupedData) and len(two.train.groups) == 2
+    for g, h, part in zip(two.train_groups, two.train.groups, two._parts["train"]):
+        np.testing.assert_array_equal(g.indices, h.indices)
+        assert part.positions.shape[:2] == (len(g.indices), g.atoms)
 
 
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
@@ -816,7 +821,7 @@ def test_cli_size_groups_keep_each_set_in_its_groups(tmp_path, mixed_partly_labe
     for name, swap in (("grouped", spy), ("padded", padded)):
         monkeypatch.setattr(data, "group_configurations", swap)
         out, log = tmp_path / f"{name}.nil", tmp_path / f"{name}.json"
-        assert cli([path, "--out", out, "--epochs", 2, "--size-groups", 2, "--log", log,
+        assert cli([path, "--out", out, "--epochs", 1, "--size-groups", 2, "--log", log,
                     "--parity", tmp_path / f"{name}.png", *COMMON]) == 0
         outputs.append((load(out)[1], json.loads(log.read_text())))
     assert [len(d.groups) for d in built] == [2, 2]          # training and validation sets
