@@ -523,6 +523,13 @@ def test_size_groups_train_predict_and_resume(mixed_sizes, tmp_path, x64):
         (E1, F1), (E2, F2) = grouped.predict(params, data_set), plain.predict(params, data_set)
         np.testing.assert_allclose(E1, E2, rtol=1e-12)
         np.testing.assert_allclose(F1, F2, rtol=1e-10, atol=1e-12)
+    # other data kept as size groups: predicted on its own parts
+    E3, F3 = plain.predict(params, group_configurations(
+        mixed_sizes[:9], model.species, model.r_cut, "reference", np.float64, max_groups=2,
+        batch=3))
+    E1, F1 = grouped.predict(params, train)
+    np.testing.assert_allclose(E3, E1, rtol=1e-12)
+    np.testing.assert_allclose(F3, F1[:, :, :F3.shape[2]], rtol=1e-10, atol=1e-12)
 
     parts = grouped._parts["train"]
     assert len(parts) == 2 and grouped.train is train      # the full set stays on the host
