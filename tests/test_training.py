@@ -590,7 +590,7 @@ def test_grouped_data_is_the_padded_set_narrowed_per_group(mixed_partly_labelled
         grouped = group_configurations(configs, model.species, model.r_cut, "reference",
                                        np.float64, max_groups=G, batch=B)
         want = size_groups(dense, G, B)
-        assert len(grouped.groups) == len(want) == min(G, 4 if G == 3 else G)
+        assert len(grouped.groups) == len(want) == G           # four sizes: 3, 4, 10, 11
         for g, w, part in zip(grouped.groups, want, grouped.parts):
             assert (g.atoms, g.pairs) == (w.atoms, w.pairs)
             np.testing.assert_array_equal(g.indices, w.indices)
@@ -808,8 +808,8 @@ def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
 def test_cli_size_groups_keep_each_set_in_its_groups(tmp_path, mixed_partly_labelled,
                                                      monkeypatch):
     """``train --size-groups 2`` builds each set in its size groups (never the whole set
-    padded to the largest) and writes the model, log and parity plot that the padded sets
-    give (the oracle: group_configurations swapped for pad_configurations)."""
+    padded to the largest), writes the model and log that the padded sets give (the
+    oracle: group_configurations swapped for pad_configurations) and the parity plot."""
     pytest.importorskip("matplotlib")
     from neuralil_fast.training import data
 
