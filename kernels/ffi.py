@@ -824,11 +824,14 @@ def _prune_stale_handlers(path: Path, target: str) -> None:
             if old.stat().st_mtime >= cutoff:
                 continue
             old.unlink()
-            # numba loads nothing of a removed index or data file: a miss, not an error
-            for f in (path.parent / "__pycache__").glob(f"{old.stem}.*"):
-                f.unlink()
         except OSError:  # another process pruned it first, or a read-only folder
-            pass
+            continue
+        # numba loads nothing of a removed index or data file: a miss, not an error
+        for f in (path.parent / "__pycache__").glob(f"{old.stem}.*"):
+            try:
+                f.unlink()
+            except OSError:  # each on its own: none left behind for another's failure
+                pass
 
 
 def _handler_file(target: str, impl, src: str) -> Path | None:
