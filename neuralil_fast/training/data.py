@@ -93,8 +93,7 @@ def size_groups(data: PaddedData, max_groups: int, batch: int) -> list[SizeGroup
     the splits of the sorted atom counts into contiguous runs (dynamic programming over
     the distinct counts).  One group (``max_groups`` 1) is the whole set at full size.
     """
-    n_pairs = (data.n_pairs if isinstance(data, GroupedData) else
-               np.sum(np.asarray(data.centers) < data.max_atoms, axis=1))
+    n_pairs = data.n_pairs if isinstance(data, GroupedData) else _pair_counts(data)
     return _size_groups(np.asarray(data.n_atoms).astype(np.int64), n_pairs, data.max_atoms,
                         data.capacity, max_groups, batch)
 
@@ -222,8 +221,8 @@ def _data_rows(data: PaddedData) -> list[dict]:
     """The rows of every configuration of ``data`` (as :func:`_host_rows` gives them)."""
     arrays = {f.name: np.asarray(getattr(data, f.name)) for f in dataclasses.fields(data)}
     rows = []
-    for k in range(len(data)):
-        n, p = int(arrays["n_atoms"][k]), int(np.sum(arrays["centers"][k] < data.max_atoms))
+    for k, p in enumerate(_pair_counts(data)):
+        n = int(arrays["n_atoms"][k])
         rows.append(dict(
             positions=arrays["positions"][k, :n], cell=arrays["cell"][k],
             species=arrays["species"][k, :n], centers=arrays["centers"][k, :p],
@@ -265,8 +264,14 @@ def _stack(rows: list[dict], n_max: int, p_max: int, dtype) -> PaddedData:
     return PaddedData(**out)
 
 
-def _capacity(rows) -> int:
-    return max(16, max(len(r["centers"]) for r in rows))
+def _capacity(max_pairs: int) -> int:
+    """The pair slots of a set padded as one: its largest pair count, at least 16."""
+    return max(16, int(max_pairs))
+
+
+def _pair_counts(data: PaddedData) -> np.ndarray:
+    """(C,) int: the real (not padding) pairs of each configuration."""
+    return np.sum(np.asarray(data.centers) < data.max_atoms, axis=1)
 
 
 def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "auto",
@@ -281,7 +286,8 @@ def pad_configurations(configs, species: tuple, r_cut: float, backend: str = "au
     """
     rows = _host_rows(configs, species, r_cut, backend, max_atoms, progress)
     n_max = max(c.n_atoms for c in configs) if max_atoms is None else int(max_atoms)
-    return _stack(rows, n_max, _capacity(rows) if capacity is None else int(capacity), dtype)
+    p_max = _capacity(max(len(r["centers"]) for r in rows)) if capacity is None else capacity
+    return _stack(rows, n_max, int(p_max), dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -309,14 +315,13 @@ class GroupedData:
     @property
     def capacity(self) -> int:
         """The pair slots of the set padded as one (by pad_configurations' rule)."""
-        return max(16, max(g.pairs for g in self.groups))
+        return _capacity(max(g.pairs for g in self.groups))
 
-    def _gather(self, per_part, shape=(), dtype=None):
+    def _gather(self, per_part, shape=()):
         """(C, *shape): ``per_part(part)`` of each group placed at its indices."""
-        first = np.asarray(per_part(self.parts[0]))
-        out = np.zeros((len(self),) + shape, dtype or first.dtype)
-        for g, part in zip(self.groups, self.parts):
-            value = np.asarray(per_part(part))
+        values = [np.asarray(per_part(part)) for part in self.parts]
+        out = np.zeros((len(self),) + shape, values[0].dtype)
+        for g, value in zip(self.groups, values):
             out[(g.indices,) + tuple(slice(0, n) for n in value.shape[1:])] = value
         return out
 
@@ -326,7 +331,7 @@ class GroupedData:
 
     @functools.cached_property
     def n_pairs(self) -> np.ndarray:
-        return self._gather(lambda p: np.sum(np.asarray(p.centers) < p.max_atoms, axis=1))
+        return self._gather(_pair_counts)
 
     @functools.cached_property
     def energy(self) -> np.ndarray:
@@ -359,8 +364,9 @@ def group_configurations(configs, species: tuple, r_cut: float, backend: str = "
     its parts equal ``narrow(take(pad_configurations(...), g.indices), g.atoms, g.pairs)``."""
     rows = _host_rows(configs, species, r_cut, backend, progress=progress)
     n_atoms = np.array([len(r["species"]) for r in rows])
-    groups = _size_groups(n_atoms, np.array([len(r["centers"]) for r in rows]),
-                          int(n_atoms.max()), _capacity(rows), max_groups, batch)
+    n_pairs = np.array([len(r["centers"]) for r in rows])
+    groups = _size_groups(n_atoms, n_pairs, int(n_atoms.max()), _capacity(n_pairs.max()),
+                          max_groups, batch)
     return _parts(rows, groups, dtype)
 
 
