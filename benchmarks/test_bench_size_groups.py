@@ -27,6 +27,10 @@ _DEVICE_MB: dict[int, float] = {}   # the training set's arrays on the device
 _HOST_MB: dict[int, float] = {}     # the training set's arrays given to the Trainer
 
 
+def _megabytes(tree) -> float:
+    return sum(a.nbytes for a in jax.tree.leaves(tree)) / 2**20
+
+
 def _lines():
     out = ["training epoch, 40 x 60 + 8 x 480 atoms, batches of 8 (numba, float32):"]
     for groups, seconds in sorted(_RESULTS.items()):
@@ -47,6 +51,7 @@ def mixed_data():
 
     from neuralil_fast.io import Configuration, read_dataset
     from neuralil_fast.model import NeuralIL
+
     configs = read_dataset(files("neuralil_fast") / "data" / "ean_xtb.xyz")[:48]
     rep = 2 * 2 * 2
     shifts = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)])
@@ -67,16 +72,16 @@ def test_epoch_mixed_sizes(benchmark, mixed_data, groups):
     model, configs = mixed_data
     if groups == 1:
         data = pad_configurations(configs, model.species, model.r_cut, "numba")
-        _HOST_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(data)) / 2**20
+        _HOST_MB[groups] = _megabytes(data)
     else:
         data = group_configurations(configs, model.species, model.r_cut, "numba",
                                     max_groups=groups, batch=8)
-        _HOST_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(list(data.parts))) / 2**20
+        _HOST_MB[groups] = _megabytes(data.parts)
     trainer = Trainer(model, data, None, TrainConfig(batch_size=8, backend="numba",
                                                      size_groups=groups, fit_offset=False))
     assert len(trainer.train_groups) == groups
     on_device = trainer._parts.get("train", [trainer.train])
-    _DEVICE_MB[groups] = sum(a.nbytes for a in jax.tree.leaves(on_device)) / 2**20
+    _DEVICE_MB[groups] = _megabytes(on_device)
     state = trainer.init_state()
 
     def epoch():
