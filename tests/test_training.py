@@ -642,6 +642,48 @@ def test_trainer_restores_grouped_data_in_its_own_groups(mixed_partly_labelled):
         assert part.positions.shape[:2] == (len(g.indices), g.atoms)
 
 
+def test_validation_metrics_of_the_committee_mean_over_labelled_atoms(mixed_partly_labelled,
+                                                                      x64):
+    """validate(), built per prediction call without the set's C x K x N x 3 forces,
+    equals the MAE / RMSE written out from the whole set's predictions (committee of 2,
+    size groups, configurations without forces, outliers left out); the energies alone
+    are the same without forces."""
+    model, configs = tiny_model(), mixed_partly_labelled
+    valid_ids = np.arange(3, 12)                  # 4 and 7 unlabelled; 6 and 11 outliers
+    sets = [pad_configurations([configs[k] for k in ids], model.species, model.r_cut,
+                               "reference", np.float64) for ids in (range(3), valid_ids)]
+    trainer = Trainer(model, *sets, TrainConfig(batch_size=2, size_groups=2, committee=2,
+                                                backend="reference"),
+                      valid_ids=valid_ids, outliers=(6, 11))
+    assert len(trainer.valid_groups) == 2
+    params = trainer.init_state().params
+    E, F = trainer.predict(params, trainer.valid)
+    E_only, none = trainer.predict(params, trainer.valid, forces=False)
+    assert none is None and np.array_equal(E_only, E)
+    got = trainer.validate(params)
+
+    def by_hand(keep):
+        counted = [k for k, i in enumerate(valid_ids) if keep(i)]
+        v = take(sets[1], np.asarray(counted))
+        dE = (E[counted].mean(1) - np.asarray(v.energy)) / np.asarray(v.n_atoms)
+        dF = np.concatenate([F[k].mean(0)[:configs[i].n_atoms] - configs[i].forces
+                             for k, i in zip(counted, valid_ids[counted])
+                             if configs[i].forces is not None])
+        assert len(dF) == sum(configs[i].n_atoms for i in valid_ids[counted]
+                              if i not in (4, 7))
+        return {"energy_mae_mev_atom": 1e3 * np.mean(np.abs(dE)),
+                "energy_rmse_mev_atom": 1e3 * np.sqrt(np.mean(dE**2)),
+                "force_mae_mev_A": 1e3 * np.mean(np.abs(dF)),
+                "force_rmse_mev_A": 1e3 * np.sqrt(np.mean(dF**2))}
+
+    for key, keep in (("all", lambda i: True), ("without_outliers", lambda i: i not in (6, 11))):
+        want = by_hand(keep)
+        assert got[key]["n_configs"] == sum(map(keep, valid_ids))
+        for name, value in want.items():
+            np.testing.assert_allclose(got[key][name], value, rtol=1e-12)
+    assert got["all"]["force_mae_mev_A"] != got["without_outliers"]["force_mae_mev_A"]
+
+
 @pytest.mark.parametrize("cap", [8, 24, 10**6])
 def test_predict_in_chunks_matches_each_configuration(configs, x64, monkeypatch, cap):
     """Whole-set and chunked (last chunk padded) predictions of a committee (members

@@ -390,15 +390,13 @@ def _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids
     if args.log:
         _write_json(args.log, log)
     if args.parity:
-        from .data import force_atom_mask
         from .plots import parity_plot
 
-        E, F = trainer.predict(final, trainer.valid)
-        mask = np.asarray(force_atom_mask(valid), bool)
+        E, F, F_ref, _ = trainer.committee_mean(final, trainer.valid)
         n = np.asarray(valid.n_atoms, np.float64)
         e_ref = np.array([c.energy for c in valid_configs]) / n
-        parity_plot(args.parity, np.asarray(valid.forces)[mask], F.mean(1)[mask], e_ref,
-                    E.mean(1) / n, title=f"{model.species} validation, epoch {state.best_epoch}",
+        parity_plot(args.parity, F_ref, F, e_ref, E / n,
+                    title=f"{model.species} validation, epoch {state.best_epoch}",
                     highlight=np.isin(valid_ids, args.outliers) if args.outliers else None)
     m = final_metrics.get("all", {})
     print(f"trained {state.epoch} epochs ({state.elapsed:.0f} s); best epoch {state.best_epoch}; "

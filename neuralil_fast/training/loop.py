@@ -265,14 +265,13 @@ def _predict_batch(params, batch, *, model, backend):
 PREDICT_ATOMS = 16384
 
 
-def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref, atom_mask) -> dict:
+def metrics(energy_pred, energy_ref, n_atoms, forces_pred, forces_ref) -> dict:
     """MAE / RMSE of energies (meV/atom) and force components (meV/Å), numpy float64.
 
-    atom_mask (C, N): the atoms with labelled forces; without any, no force entries.
-    """
+    energy_pred, energy_ref, n_atoms (C,); forces_pred, forces_ref (M, 3): the labelled
+    atoms' forces (none: no force entries)."""
     dE = (np.asarray(energy_pred, np.float64) - np.asarray(energy_ref, np.float64)) / n_atoms
-    m = np.asarray(atom_mask, bool)
-    dF = (np.asarray(forces_pred, np.float64) - np.asarray(forces_ref, np.float64))[m]
+    dF = np.asarray(forces_pred, np.float64) - np.asarray(forces_ref, np.float64)
     if dE.size == 0:
         return {"n_configs": 0}
     out = {
@@ -403,38 +402,64 @@ class Trainer:
                 return self._parts[name]
         return list(data.parts) if isinstance(data, GroupedData) else None
 
-    def predict(self, params, data: PaddedData | GroupedData):
-        """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å, numpy.
-
-        Each size group runs on arrays narrowed to its window; its forces land in the
-        first ``group.atoms`` slots (the rest stay zero, as for padding atoms)."""
-        E_all = F_all = None
+    def _predictions(self, params, data: PaddedData | GroupedData, forces: bool = True):
+        """Each prediction call on ``data``: (indices (n,) into ``data``, E (n, K) eV,
+        F (n, K, atoms, 3) eV/Å or None, the batch (PaddedData, its first n rows those
+        configurations, ``atoms`` slots)), E and F numpy.  Each size group runs on arrays
+        narrowed to its window."""
         parts = self._group_parts(data)
         for k, g in enumerate(self.groups(data)):
             for pos, n in self._chunks(len(g.indices), self.predict_chunk(data, g)):
                 idx = g.indices[pos]         # the chunk's padding repeats a group member
                 batch = (take(parts[k], jnp.asarray(pos)) if parts is not None else
                          narrow(take(data, jnp.asarray(idx)), g.atoms, g.pairs))
-                E, F = (np.asarray(a) for a in self._predict(params, batch))
-                if E_all is None:
-                    E_all = np.zeros((len(data),) + E.shape[1:], E.dtype)
+                E, F = self._predict(params, batch)
+                yield idx[:n], np.asarray(E)[:n], np.asarray(F)[:n] if forces else None, batch
+
+    def predict(self, params, data: PaddedData | GroupedData, forces: bool = True):
+        """Committee predictions on a whole data set: E (C, K) eV, F (C, K, N, 3) eV/Å
+        (None without ``forces``), numpy; a size group's forces land in its first
+        ``group.atoms`` slots (the rest stay zero, as for padding atoms)."""
+        E_all = F_all = None
+        for idx, E, F, _ in self._predictions(params, data, forces):
+            if E_all is None:
+                E_all = np.zeros((len(data),) + E.shape[1:], E.dtype)
+                if forces:
                     F_all = np.zeros((len(data), F.shape[1], data.max_atoms, 3), F.dtype)
-                E_all[idx[:n]] = E[:n]
-                F_all[idx[:n], :, :g.atoms] = F[:n]
+            E_all[idx] = E
+            if forces:
+                F_all[idx, :, :F.shape[2]] = F
         return E_all, F_all
+
+    def committee_mean(self, params, data: PaddedData | GroupedData):
+        """The committee mean on ``data``: E (C,) eV, and over the labelled atoms in data-set
+        and atom order, predicted and reference forces (M, 3) eV/Å and their configuration
+        (M,).  Memory ~ the labelled forces, not C x K x the largest atom count."""
+        E_all, pred, ref = None, [None] * len(data), [None] * len(data)
+        for idx, E, F, batch in self._predictions(params, data):
+            if E_all is None:
+                E_all = np.zeros(len(data), E.dtype)
+            E_all[idx] = E.mean(1)
+            mask = np.asarray(force_atom_mask(batch), bool)[:len(idx)]
+            F_ref = np.asarray(batch.forces)[:len(idx)]
+            F_mean = F.mean(1)
+            for row, i in enumerate(idx):
+                pred[i], ref[i] = F_mean[row][mask[row]], F_ref[row][mask[row]]
+        config = np.repeat(np.arange(len(data)), [len(f) for f in pred])
+        return E_all, np.concatenate(pred), np.concatenate(ref), config
 
     def validate(self, params) -> dict:
         """Validation metrics of the committee mean, with and without the outliers."""
         if self.valid is None:
             return {}
-        E, F = self.predict(params, self.valid)
-        v = self.valid
-        args = (E.mean(1), self.valid_energy64, np.asarray(v.n_atoms, np.float64), F.mean(1),
-                np.asarray(v.forces), np.asarray(force_atom_mask(v)))
-        out = {"all": metrics(*args)}
+        E, F, F_ref, config = self.committee_mean(params, self.valid)
+        n_atoms = np.asarray(self.valid.n_atoms, np.float64)
+        out = {"all": metrics(E, self.valid_energy64, n_atoms, F, F_ref)}
         if self.outliers and self.valid_ids is not None:
             keep = ~np.isin(self.valid_ids, self.outliers)
-            out["without_outliers"] = metrics(*(a[keep] for a in args))
+            out["without_outliers"] = metrics(E[keep], self.valid_energy64[keep],
+                                              n_atoms[keep], F[keep[config]],
+                                              F_ref[keep[config]])
         return out
 
     def fit_offset(self, params, data: PaddedData | None = None, energy64=None,
@@ -444,7 +469,7 @@ class Trainer:
         ``predicted`` (C, K) eV: the members' energies on ``data`` where already known."""
         data = self.train if data is None else data
         energy64 = self.train_energy64 if energy64 is None else energy64
-        E = self.predict(params, data)[0] if predicted is None else predicted  # (C, K)
+        E = self.predict(params, data, forces=False)[0] if predicted is None else predicted
         c = common_energy_per_atom(data.n_atoms, np.asarray(energy64)[:, None] - E)  # (K,)
         bias = params["params"]["denormalizer"]["bias"]
         new_bias = bias + jnp.asarray(c, bias.dtype).reshape((-1,) + (1,) * (bias.ndim - 1))
@@ -658,7 +683,7 @@ class Trainer:
         (one table for all members; :meth:`final_params` then fits each member's offset)."""
         data = self.train if data is None else data
         energy64 = self.train_energy64 if energy64 is None else energy64
-        E = self.predict(params, data)[0]
+        E = self.predict(params, data, forces=False)[0]  # (C, K)
         counts = species_counts(data, self.model.n_species)
         delta = fit_species_energies(counts, np.asarray(energy64) - E.mean(1))
         table = np.asarray(self.model.species_energies or np.zeros(self.model.n_species))
