@@ -798,7 +798,7 @@ def test_kill_during_checkpoint_then_resume_is_bitwise(tmp_path, xyz):
                 "--lr-peak", "0.02", *COMMON]) == 2
 
 
-def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
+def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz, capsys):
     pytest.importorskip("matplotlib")
 
     from neuralil_fast.calculator import Calculator
@@ -809,6 +809,8 @@ def test_cli_outputs_log_parity_and_committee_calculator(tmp_path, xyz):
                 *COMMON]) == 0
     entries = json.loads(log.read_text())
     assert len(entries["epochs"]) == 2
+    trained = sorted(set(range(11)) - set(entries["valid_ids"]))
+    assert f"note: --outliers {trained} are training configurations" in capsys.readouterr().err
     first = entries["epochs"][0]
     for key in ("wall_time_s", "train_loss", "valid"):
         assert key in first
@@ -1019,6 +1021,11 @@ def test_bad_input_fails_before_training(tmp_path, configs, capsys):
           "not among the model's species")
     check([good, "--species-sequence", *seq, *common[:-2], "--n-valid", "3"], "--n-valid")
     check([tmp_path / "missing.jsonl", "--species-sequence", *seq, *common], "does not exist")
+    check([good, "--species-sequence", *seq, *common, "--outliers", str(len(same))],
+          f"outside 0..{len(same) - 1}")
+    one = _jsonl(tmp_path / "one.jsonl", [_record(same[0])])  # outliers index --valid's file
+    check([good, "--species-sequence", *seq, *common, "--valid", one, "--outliers", "1"],
+          "outside 0..0 (" + str(one))
     check([good, *common], "species_sequence")
     check([good, "--species-sequence", *seq, *common, "--resume"], "no training state")
     check([good, "--species-sequence", *seq, *common, "--checkpoint-seconds", "-1"],

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-valid", type=int,
                    help="configurations held out for validation (default: 10%%, at least 1)")
     p.add_argument("--outliers", type=int, nargs="*", default=[],
-                   help="dataset indices reported separately (metrics with and without them)")
+                   help="indices of configurations in DATA (in --valid's file where given) "
+                   "whose validation metrics are also reported without them")
     p.add_argument("--epochs", type=int,
                    help="epochs to train (default 100, or unlimited with --max-minutes)")
     p.add_argument("--max-minutes", type=float, help="stop after the epoch that exceeds this")
@@ -261,9 +262,17 @@ def run(args) -> int:
             _fail(str(err))
         train_configs = [configs[i] for i in train_ids]
         valid_configs = [configs[i] for i in valid_ids]
-    bad = [k for k in args.outliers if not 0 <= k < len(configs)]
+    # outliers index the validation file where there is one, else DATA
+    source, n = (args.valid, len(valid_configs)) if args.valid else (args.data, len(configs))
+    bad = [k for k in args.outliers if not 0 <= k < n]
     if bad:
-        _fail(f"--outliers: indices {bad} are outside 0..{len(configs) - 1}")
+        _fail(f"--outliers: indices {bad} are outside 0..{n - 1} ({source} holds {n} "
+              "configurations)")
+    trained = sorted(set(args.outliers) - set(int(i) for i in valid_ids))
+    if trained:
+        print(f"note: --outliers {trained} are training configurations (not in the validation "
+              "set): the metrics without outliers leave out validation configurations only",
+              file=sys.stderr)
     _check_forces(loss, train_configs, valid_configs)
     with jax.enable_x64(args.dtype == "float64"):
         return _train(args, model, loss, train_configs, valid_configs, train_ids, valid_ids,
