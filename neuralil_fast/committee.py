@@ -166,6 +166,9 @@ def load_any(path):
     from .model import load
 
     model, params, extra = load(path, with_extra=True)
+    if "training" in (extra or {}):
+        raise ValueError(f"{path} is a training state (what train --resume reads), not a "
+                         "model: pass the model file that train wrote (--out)")
     info = (extra or {}).get("committee")
     if not info:
         return model, params, None

@@ -19,14 +19,16 @@ __all__ = ["predict", "error_metrics", "load_any_model", "padded_size"]
 
 
 def load_any_model(path):
-    """(model, params) from an ``nf.save`` file or an original NeuralIL parameter pickle."""
-    from .model import from_neuralil, load
+    """(model, params, K) from an ``nf.save`` file (a committee's: K members, params with
+    the leading axis K) or an original NeuralIL parameter pickle (K None: one model)."""
+    from .committee import load_any
+    from .model import from_neuralil
 
     with open(path, "rb") as f:
         head = f.read(2)
     if head[:1] == b"\x80":  # pickle protocol 2+ opcode
-        return from_neuralil(path)
-    return load(path)
+        return (*from_neuralil(path), None)
+    return load_any(path)
 
 
 # Up to this many distinct atom counts compile one evaluation each; more are padded to
@@ -44,17 +46,24 @@ def padded_size(n: int) -> int:
     return -(-n // step) * step
 
 
-def predict(model, params, configs, backend="auto", dtype="float64", progress=False):
+def predict(model, params, configs, backend="auto", dtype="float64", progress=False,
+            committee: bool = False):
     """Energies (n_configs,) eV and forces [(N, 3)] eV/Å for a list of ``io.Configuration``.
+
+    committee: ``params`` carry a leading axis K (``save_committee``): the members' mean,
+    and a third result, the spread: {"energy": (n_configs,) eV, standard deviation over
+    members; "forces": [(N,)] eV/Å, sqrt(mean_k |F_k - F_mean|^2) per atom}.
 
     Pair arrays are padded to a common capacity; one compilation per distinct atom count
     up to ``EXACT_SIZES`` counts, else per rung of :func:`padded_size` (padding atoms:
     no pairs, their energies left out).
     """
+    from .committee import committee_evaluate_jit
     from .neighbors import allocate
     from .potential import evaluate_jit
 
-    energies, forces = [], []
+    run = committee_evaluate_jit if committee else evaluate_jit
+    energies, forces, spread = [], [], {"energy": [], "forces": []}
     ladder = len({c.n_atoms for c in configs}) > EXACT_SIZES
     with jax.enable_x64(dtype == "float64"):
         lists = [allocate(c.positions, c.cell, c.pbc, model.r_cut, backend=backend,
@@ -76,15 +85,26 @@ def predict(model, params, configs, backend="auto", dtype="float64", progress=Fa
             # Padding atoms have no pairs: their descriptors, hence their energies, do not
             # depend on any position, so the real atoms' forces are exact and the energy
             # is the sum over the real atoms.
-            out = evaluate_jit(
+            out = run(
                 model, params, jnp.asarray(np.concatenate([c.positions, np.zeros((pad, 3))]), dt),
                 jnp.asarray(c.cell, dt), jnp.asarray(np.concatenate([sp, np.zeros(pad, sp.dtype)])),
                 # padding pair rows point at the padding index of the padded system
                 jnp.where(nl.centers >= n, n + pad, nl.centers),
                 jnp.where(nl.neighbors >= n, n + pad, nl.neighbors), nl.shifts,
                 backend=backend, stress=False)
-            energies.append(float(jnp.sum(out["energies"][:n])) if pad else float(out["energy"]))
-            forces.append(np.asarray(out["forces"][:n], np.float64))
+            # members outermost for a committee: e (K,), f (K, n, 3)
+            e = np.asarray(jnp.sum(out["energies"][..., :n], axis=-1) if pad else out["energy"],
+                           np.float64)
+            f = np.asarray(out["forces"][..., :n, :], np.float64)
+            if committee:
+                spread["energy"].append(float(e.std()))
+                spread["forces"].append(np.sqrt(np.mean(np.sum((f - f.mean(0)) ** 2, -1), 0)))
+                e, f = e.mean(), f.mean(0)
+            energies.append(float(e))
+            forces.append(f)
+    if committee:
+        return np.array(energies), forces, {"energy": np.array(spread["energy"]),
+                                            "forces": spread["forces"]}
     return np.array(energies), forces
 
 
@@ -99,11 +119,14 @@ def kept_indices(n_configs: int, exclude=()) -> list[int]:
     return keep
 
 
-def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
+def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), spread=None):
     """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors.
 
     Force entries cover the kept configurations that carry forces (``n_configs_forces``);
-    where none does, they are absent.
+    where none does, they are absent.  ``spread`` (a committee's, from :func:`predict`)
+    adds "committee": the mean energy spread (meV/atom) and per-atom force spread (meV/Å),
+    and the Spearman rank correlation of the per-atom force spread with the per-atom force
+    error |F_mean - F_ref| (how well the spread ranks the error).
     """
     keep = kept_indices(len(configs), exclude)
     n_atoms = np.array([configs[k].n_atoms for k in keep])
@@ -119,9 +142,21 @@ def error_metrics(configs, energies, forces, remove_offset=False, exclude=()):
         "energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean())),
         "per_element": {},
     }
+    if spread is not None:
+        out["committee"] = {
+            "energy_spread_mean_meV_per_atom": float(np.mean(
+                [1000.0 * spread["energy"][k] / configs[k].n_atoms for k in keep])),
+            "force_spread_mean_meV_per_A": float(1000.0 * np.mean(
+                np.concatenate([spread["forces"][k] for k in keep])))}
     if not with_forces:
         return out
     df = np.concatenate([forces[k] - configs[k].forces for k in with_forces]) * 1000.0
+    if spread is not None and len(df) >= 3:
+        from scipy.stats import spearmanr
+
+        atom_spread = np.concatenate([spread["forces"][k] for k in with_forces])
+        out["committee"]["spearman_force_spread_vs_error"] = float(
+            spearmanr(atom_spread, np.linalg.norm(df, axis=-1)).statistic)
     symbols = np.concatenate([np.asarray(configs[k].symbols) for k in with_forces])
     out["force_mae_meV_per_A"] = float(np.abs(df).mean())
     out["force_rmse_meV_per_A"] = float(np.sqrt((df**2).mean()))
@@ -148,7 +183,21 @@ def format_table(m: dict) -> str:
     lines.append(f"{'forces (meV/Å)':<22}{m['force_mae_meV_per_A']:>12.2f}{m['force_rmse_meV_per_A']:>12.2f}")
     for s, e in m["per_element"].items():
         lines.append(f"{'  forces on ' + s:<22}{e['force_mae_meV_per_A']:>12.2f}{e['force_rmse_meV_per_A']:>12.2f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _committee_lines(m))
+
+
+def _committee_lines(m: dict) -> list[str]:
+    if "committee" not in m:
+        return []
+    c = m["committee"]
+    lines = [f"committee of {m['committee_size']} (errors of the members' mean); spread "
+             "over members (standard deviation), on average:",
+             f"  energy {c['energy_spread_mean_meV_per_atom']:.3f} meV/atom, forces "
+             f"{c['force_spread_mean_meV_per_A']:.2f} meV/Å per atom"]
+    if "spearman_force_spread_vs_error" in c:
+        lines.append("  per-atom force spread vs |force error|: Spearman rho "
+                     f"{c['spearman_force_spread_vs_error']:.3f}")
+    return lines
 
 
 def add_arguments(p):
@@ -174,15 +223,17 @@ def run(args) -> int:
         seq = ean_species_sequence(args.ean_pairs)
     elif args.species_sequence:
         seq = args.species_sequence.split(",") if "," in args.species_sequence else args.species_sequence
-    model, params = load_any_model(args.model)
+    model, params, size = load_any_model(args.model)
     configs = read_dataset(args.data, species_sequence=seq, species=model.species,
                            require_labels=("energy",))
     kept_indices(len(configs), args.exclude)  # before the (long) prediction
     t0 = time.perf_counter()
-    energies, forces = predict(model, params, configs, backend=args.backend, dtype=args.dtype,
-                               progress=not args.json)
-    metrics = error_metrics(configs, energies, forces, remove_offset=args.remove_offset,
-                            exclude=args.exclude)
+    got = predict(model, params, configs, backend=args.backend, dtype=args.dtype,
+                  progress=not args.json, committee=size is not None)
+    metrics = error_metrics(configs, *got[:2], remove_offset=args.remove_offset,
+                            exclude=args.exclude, spread=got[2] if size else None)
+    if size is not None:
+        metrics["committee_size"] = size
     metrics["seconds"] = time.perf_counter() - t0
     print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     return 0

@@ -184,12 +184,19 @@ class NeuralILFix:
                  skin: float = 1.0, comm=None):
         MPI, _ = require_lammps()
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            from .model import load
+            from .committee import load_any
 
-            model, params = load(model)
+            model, params, _ = load_any(model)  # refuses a training state
         if params is None:
             raise ValueError("pass the parameters with the model, or a path written by nf.save")
-        model.check_params(params)
+        try:
+            model.check_params(params, committee=True)
+        except ValueError:
+            model.check_params(params)
+        else:
+            raise ValueError("these are a committee's parameters (a leading member axis): the "
+                             "LAMMPS coupling runs one model; pass one member "
+                             "(neuralil_fast.committee.member(params, k))")
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         ntypes = int(lmp.extract_global("ntypes"))

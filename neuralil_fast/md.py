@@ -71,7 +71,10 @@ def _error(msg):
 
 
 def _load_model(args):
+    """((model, params, K), structure path): K members of a committee, else None."""
     import neuralil_fast as nf
+
+    from .committee import load_any
 
     if args.neuralil_pickle:
         if len(args.paths) != 1:
@@ -81,7 +84,7 @@ def _load_model(args):
         if not os.path.isfile(path):
             raise _error(f"no such parameter pickle: {path}")
         try:
-            return nf.from_neuralil(path), args.paths[0]
+            return (*nf.from_neuralil(path), None), args.paths[0]
         except Exception as err:  # noqa: BLE001 - one line for the user
             raise _error(f"cannot read the NeuralIL pickle {path}: {err}") from err
     if len(args.paths) != 2:
@@ -91,7 +94,7 @@ def _load_model(args):
     if not os.path.isfile(path):
         raise _error(f"no such model file: {path}")
     try:
-        return nf.load(path), args.paths[1]
+        return load_any(path), args.paths[1]
     except Exception as err:  # noqa: BLE001
         raise _error(f"cannot read the model {path}: {err}") from err
 
@@ -253,11 +256,14 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
 
 def run(args) -> int:
     _check(args)
-    (model, params), structure = _load_model(args)
+    (model, params, size), structure = _load_model(args)
     atoms = _read_structure(structure, args.frame)
     from .calculator import Calculator
 
-    calc = Calculator(model, params, backend=args.backend, skin=args.skin, dtype=args.dtype)
+    if size is not None:
+        print(f"md: a committee of {size}: the members' mean forces", file=sys.stderr)
+    calc = Calculator(model, params, backend=args.backend, skin=args.skin, dtype=args.dtype,
+                      committee=size is not None)
     # Unknown species, bad cells: one-line ValueErrors from the calculator's first call.
     try:
         atoms.calc = calc

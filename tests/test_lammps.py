@@ -149,6 +149,21 @@ def test_two_ranks_give_the_same_100_step_trajectory(small):
 
 
 @needs_lammps
+def test_a_committee_is_refused_before_the_run(small, tmp_path):
+    """The coupling runs one model: a committee's parameters fail before the run."""
+    from neuralil_fast.committee import save_committee, stack
+
+    tmp, model, params, atoms = small
+    path = tmp_path / "c.nil"
+    save_committee(path, model, stack([params, params]))
+    proc = run_lammps(tmp, 1, ["--model", str(path)], tmp / "static.data", 1, "committee",
+                      check=False)
+    assert proc.returncode != 0
+    assert "ValueError: these are a committee's parameters" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+@needs_lammps
 @pytest.mark.slow
 def test_an_error_in_the_callback_aborts_the_run(small, tmp_path):
     tmp, model, params, atoms = small

@@ -9,6 +9,7 @@ import pytest
 
 import neuralil_fast as nf
 from neuralil_fast.cli import main
+from neuralil_fast.committee import save_committee, stack
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +18,10 @@ def files(tmp_path_factory):
     model = nf.NeuralIL(species=("C", "H", "N", "O"), r_cut=3.0, n_max=2, embed_dim=2,
                         widths=(8, 8))
     nf.save(d / "m.nil", model, model.init(jax.random.key(0)))
+    nf.save(d / "m1.nil", model, model.init(jax.random.key(1)))
+    members = stack([nf.load(d / name)[1] for name in ("m.nil", "m1.nil")])
+    save_committee(d / "c.nil", model, members)
+    nf.save(d / "s.state", model, members, extra={"training": {"epoch": 1}}, committee=True)
     rng = np.random.default_rng(0)
     # A loose 16-atom box: 2x2x2 grid of C-H pairs etc., well separated.
     grid = np.stack(np.meshgrid(*[np.arange(2)] * 3, indexing="ij"), -1).reshape(-1, 3) * 3.2
@@ -81,10 +86,28 @@ def test_short_runs_summarise_without_nan(files, capsys, steps, timing):
     assert ("fit n/a" in out) == (steps < 2)  # a rate needs three energies
 
 
+def test_committee_runs_on_the_members_mean(files, capsys):
+    """A committee file runs on the mean of its members: the first logged potential
+    energy is the mean of the two members' energies, each from its own model file."""
+    d = files
+    rc = main(["md", str(d / "c.nil"), str(d / "box.extxyz"), "--steps", "1", "--log",
+               str(d / "c.log"), "--log-interval", "1", "--backend", "reference",
+               "--no-progress"])
+    assert rc == 0 and "a committee of 2" in capsys.readouterr().err
+    energies = []
+    for name in ("m.nil", "m1.nil"):
+        atoms = ase.io.read(d / "box.extxyz")
+        atoms.calc = nf.Calculator(d / name, backend="reference")
+        energies.append(atoms.get_potential_energy())
+    assert np.loadtxt(d / "c.log")[0, 2] == pytest.approx(np.mean(energies), rel=1e-9)
+    assert abs(energies[0] - energies[1]) > 1e-3   # the mean is not either member
+
+
 @pytest.mark.parametrize("argv, message", [
     (["md", "{d}/m.nil", "{d}/missing.gro"], "no such structure file"),
     (["md", "{d}/missing.nil", "{d}/box.extxyz"], "no such model file"),
     (["md", "{d}/box.extxyz", "{d}/box.extxyz"], "cannot read the model"),
+    (["md", "{d}/s.state", "{d}/box.extxyz"], "is a training state"),
     (["md", "{d}/m.nil", "{d}/junk.xyz"], "cannot read the structure"),
     (["md", "{d}/m.nil"], "expected MODEL STRUCTURE"),
     (["md", "{d}/m.nil", "{d}/box.extxyz", "--steps", "-1"], "--steps"),

@@ -312,6 +312,64 @@ def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
     assert runs[0][1] and runs[0][2] and runs[1] == runs[0]
 
 
+def test_evaluate_cli_on_a_committee(tmp_path, capsys):
+    """``evaluate`` on a committee file: the errors of the members' mean, the mean energy
+    and force spreads and the Spearman rho of the per-atom force spread against the
+    per-atom force error, all against the members evaluated one by one (nf.Calculator
+    on each single model) and scipy; a training state file is refused in one line."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from scipy.stats import spearmanr
+
+    from neuralil_fast.cli import main
+    from neuralil_fast.committee import save_committee, stack
+
+    model, p0 = _model_and_params(0)
+    members = [p0] + [_model_and_params(seed)[1] for seed in (1, 2)]  # 3: the spread's
+    # definition matters (with 2, |F_k - F_mean| is the same for both members)
+    save_committee(tmp_path / "c.nil", model, stack(members))
+    calcs = [nf.Calculator(model, p, backend="reference") for p in members]
+    rng = np.random.default_rng(6)
+    frames, de, df, e_spread, f_spread = [], [], [], [], []
+    for k in range(3):
+        atoms = _small_atoms(n=10)
+        atoms.positions += rng.normal(size=atoms.positions.shape) * 0.02
+        e, f = [], []
+        for calc in calcs:
+            atoms.calc = calc
+            e.append(atoms.get_potential_energy())
+            f.append(atoms.get_forces())
+        e, f = np.array(e), np.array(f)
+        e_ref, f_ref = e.mean() + rng.normal() * 0.05, f.mean(0) + rng.normal(size=f[0].shape) * 0.1
+        de.append((e.mean() - e_ref) / len(atoms))
+        df.append(f.mean(0) - f_ref)
+        e_spread.append(e.std() / len(atoms))
+        f_spread.append(np.sqrt(np.mean(np.sum((f - f.mean(0)) ** 2, -1), 0)))
+        atoms.calc = SinglePointCalculator(atoms, energy=e_ref, forces=f_ref)
+        frames.append(atoms)
+    data = tmp_path / "data.extxyz"
+    ase.io.write(data, frames)
+    args = ["evaluate", str(tmp_path / "c.nil"), str(data), "--backend", "numba"]
+    assert main(args + ["--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    dF = 1000 * np.concatenate(df)
+    assert m["committee_size"] == 3
+    assert m["energy_mae_meV_per_atom"] == pytest.approx(1000 * np.abs(de).mean(), rel=1e-6)
+    assert m["force_mae_meV_per_A"] == pytest.approx(np.abs(dF).mean(), rel=1e-6)
+    c = m["committee"]
+    assert c["energy_spread_mean_meV_per_atom"] == pytest.approx(1000 * np.mean(e_spread),
+                                                                 rel=1e-6)
+    assert c["force_spread_mean_meV_per_A"] == pytest.approx(
+        1000 * np.concatenate(f_spread).mean(), rel=1e-6)
+    rho = spearmanr(np.concatenate(f_spread), np.linalg.norm(dF, axis=-1)).statistic
+    assert c["spearman_force_spread_vs_error"] == pytest.approx(rho, abs=1e-9)
+    assert main(args) == 0
+    assert "committee of 3" in capsys.readouterr().out
+    nf.save(tmp_path / "s.state", model, stack(members), extra={"training": {"epoch": 1}},
+            committee=True)
+    assert main(["evaluate", str(tmp_path / "s.state"), str(data)]) == 2
+    assert "is a training state" in capsys.readouterr().err
+
+
 def test_padded_size_ladder():
     from neuralil_fast.evaluate import padded_size
 
