@@ -53,6 +53,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .geometry import check_cell
+
 __all__ = [
     "CHECKPOINT_MAGIC",
     "CHECKPOINT_FORMAT",
@@ -762,6 +764,7 @@ class Configuration:
         if pbc.shape != (3,):
             raise ValueError(f"pbc has shape {pbc.shape}, expected (3,)")
         self.pbc = pbc.astype(bool)
+        check_cell(self.cell, self.pbc)  # here, so a reader names the configuration
         if self.energy is not None:
             e = np.asarray(self.energy, dtype=np.float64)
             if e.size != 1:

@@ -896,6 +896,21 @@ def test_configuration_validation():
         nio.Configuration(**{**good, "symbols": ("H", "Q")})
     with pytest.raises(ValueError, match="not a string"):
         nio.Configuration(**{**good, "symbols": "HH"})
+    flat = np.diag([3.0, 3.0, 0.0])  # periodic in z without a z extent
+    with pytest.raises(ValueError, match=r"degenerate \(singular\) cell"):
+        nio.Configuration(**{**good, "cell": flat})
+    assert nio.Configuration(**{**good, "cell": flat, "pbc": [True, True, False]}).n_atoms == 2
+
+
+def test_reader_names_the_configuration_with_a_degenerate_cell(tmp_path):
+    from ase.io import write
+
+    frames = [nio.to_atoms(c) for c in _configs()[:2]]
+    frames[1].cell[2] = frames[1].cell[0]          # two equal lattice vectors
+    p = tmp_path / "flat.extxyz"
+    write(p, frames)
+    with pytest.raises(ValueError, match=r"configuration 1: degenerate \(singular\) cell"):
+        nio.read_dataset(p)
 
 
 def test_to_atoms_and_back():
