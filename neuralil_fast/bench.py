@@ -182,7 +182,7 @@ def measure(backends, replicas, tasks, dtype="float32", repeat=5, progress=True)
     model = NeuralIL(species=("C", "H", "N", "O"))
     jobs = [(t, r, b) for t in tasks if t != "training" for r in replicas for b in backends]
     jobs += [("training", None, b) for b in backends if "training" in tasks]
-    rows, reference = [], {}
+    rows, forces = [], {}
     with jax.enable_x64(dtype == "float64"):
         params = model.init(jax.random.key(0), jax.numpy.dtype(dtype))
         for task, rep, backend in tqdm(jobs, desc="bench", disable=not progress,
@@ -195,12 +195,16 @@ def measure(backends, replicas, tasks, dtype="float32", repeat=5, progress=True)
             atoms = _box(rep)
             if backend == "reference" and task != "forces" and len(atoms) > REFERENCE_MAX_ATOMS:
                 continue
-            seconds, forces = _time_system(task, model, params, atoms, backend, dtype, repeat)
-            row = {"task": task, "atoms": len(atoms), "backend": backend, "seconds": seconds}
-            if forces is not None:
-                ref = reference.setdefault((task, rep), forces)
-                row["max_force_difference_eV_A"] = float(np.max(np.abs(forces - ref)))
-            rows.append(row)
+            seconds, F = _time_system(task, model, params, atoms, backend, dtype, repeat)
+            rows.append({"task": task, "atoms": len(atoms), "backend": backend,
+                         "seconds": seconds})
+            if F is not None:
+                forces[task, len(atoms), backend] = F
+    for row in rows:
+        key = (row["task"], row["atoms"])
+        if (*key, "reference") in forces and (*key, row["backend"]) in forces:
+            row["max_force_difference_eV_A"] = float(np.max(np.abs(
+                forces[(*key, row["backend"])] - forces[(*key, "reference")])))
     return rows
 
 
