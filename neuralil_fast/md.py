@@ -196,8 +196,9 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
         ekin = atoms.get_kinetic_energy()
         rec = [step, step * dt_fs * 1e-3, epot, ekin, epot + ekin,
                ekin / (1.5 * n * units.kB)]
-        if has_unc:
-            rec.append(float(calc.results.get("energy_uncertainty", np.nan)))
+        if has_unc:  # and the largest per-atom force spread: where the model extrapolates
+            rec += [float(calc.results.get("energy_uncertainty", np.nan)),
+                    float(np.max(calc.results.get("forces_uncertainty", np.nan)))]
         records.append(rec)
         if log_fh and step % log_interval == 0:
             log_fh.write(" ".join(f"{v:.10g}" if k > 1 else (f"{v:d}" if k == 0 else f"{v:.6f}")
@@ -211,8 +212,8 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
 
     try:
         if log_fh:
-            cols = "step time_ps epot_eV ekin_eV etot_eV T_K" + (" energy_uncertainty_eV"
-                                                                if has_unc else "")
+            cols = "step time_ps epot_eV ekin_eV etot_eV T_K" + (
+                " energy_uncertainty_eV max_force_uncertainty_eV_A" if has_unc else "")
             log_fh.write("# " + cols + "\n")
         bar = tqdm(total=steps, unit="step", disable=not progress or steps == 0,
                    file=sys.stderr, dynamic_ncols=True)
@@ -243,6 +244,8 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
                    drift_meV_per_atom=float(drift), drift_rate_meV_per_atom_ps=rate,
                    wall_s=wall, atom_steps_per_s=speed,
                    final_T_K=float(rec[-1, 5]))
+    if has_unc:
+        summary["max_force_uncertainty_eV_A"] = float(np.max(rec[:, 7]))
     print(f"md: {n} atoms, {steps} steps of {dt_fs} fs ({thermostat}), "
           f"{steps * dt_fs * 1e-3:.4f} ps", file=out)
     fit = f"{rate:+.4f} meV/atom/ps" if np.isfinite(rate) else "n/a (fewer than 3 records)"
@@ -251,6 +254,9 @@ def run_md(atoms, calc, steps, dt_fs, thermostat="none", temperature=None, frict
     timing = (f"speed {speed:.4g} atom-steps/s ({n / speed * 1e3:.2f} ms/step, {timed})"
               if steps > 0 and speed > 0 else "no step taken")
     print(f"  final T {summary['final_T_K']:.1f} K;  {timing}", file=out)
+    if has_unc:
+        print(f"  committee: largest per-atom force spread "
+              f"{summary['max_force_uncertainty_eV_A'] * 1e3:.1f} meV/Å (any step)", file=out)
     return summary
 
 

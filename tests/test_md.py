@@ -88,19 +88,31 @@ def test_short_runs_summarise_without_nan(files, capsys, steps, timing):
 
 def test_committee_runs_on_the_members_mean(files, capsys):
     """A committee file runs on the mean of its members: the first logged potential
-    energy is the mean of the two members' energies, each from its own model file."""
+    energy is the mean of the two members' energies, each from its own model file, and the
+    logged spreads are the members' (energy: standard deviation; forces: the largest
+    per-atom sqrt(mean_k |F_k - F_mean|^2))."""
     d = files
     rc = main(["md", str(d / "c.nil"), str(d / "box.extxyz"), "--steps", "1", "--log",
                str(d / "c.log"), "--log-interval", "1", "--backend", "reference",
                "--no-progress"])
-    assert rc == 0 and "a committee of 2" in capsys.readouterr().err
-    energies = []
+    captured = capsys.readouterr()
+    assert rc == 0 and "a committee of 2" in captured.err
+    energies, forces = [], []
     for name in ("m.nil", "m1.nil"):
         atoms = ase.io.read(d / "box.extxyz")
         atoms.calc = nf.Calculator(d / name, backend="reference")
         energies.append(atoms.get_potential_energy())
-    assert np.loadtxt(d / "c.log")[0, 2] == pytest.approx(np.mean(energies), rel=1e-9)
+        forces.append(atoms.get_forces())
+    header = (d / "c.log").read_text().splitlines()[0].split()
+    assert header[-2:] == ["energy_uncertainty_eV", "max_force_uncertainty_eV_A"]
+    first = np.loadtxt(d / "c.log")[0]
+    assert first[2] == pytest.approx(np.mean(energies), rel=1e-9)
     assert abs(energies[0] - energies[1]) > 1e-3   # the mean is not either member
+    assert first[6] == pytest.approx(np.std(energies), rel=1e-6)
+    F = np.array(forces)
+    spread = np.sqrt(np.mean(np.sum((F - F.mean(0)) ** 2, -1), 0))
+    assert first[7] == pytest.approx(spread.max(), rel=1e-6)
+    assert "largest per-atom force spread" in captured.out
 
 
 @pytest.mark.parametrize("argv, message", [
