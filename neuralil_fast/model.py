@@ -327,7 +327,9 @@ class NeuralIL:
                 raise ValueError(f"committee params{name} has no leading member axis")
             if tuple(have) != tuple(shape):
                 if not committee and tuple(got[name][1:]) == tuple(shape):
-                    hint = "(a committee's parameters? pass committee=True)"
+                    hint = ("(a committee's parameters, a leading member axis? take one "
+                            "with committee.member(params, k), or pass committee=True where "
+                            "the call takes it: Calculator, save)")
                 raise ValueError(f"params{name} has shape {got[name]}, this model expects "
                                  f"{('(K, ' + str(shape)[1:]) if committee else shape} {hint}")
 

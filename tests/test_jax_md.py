@@ -115,6 +115,10 @@ def test_energy_fn_rejects_parameters_of_another_model(setup):
                         widths=(8, 8))
     with pytest.raises(ValueError, match="has shape"):
         njm.energy_fn(other, params, np.zeros(3, int), np.eye(3) * 6.0)
+    from neuralil_fast.committee import stack
+
+    with pytest.raises(ValueError, match=r"take one with committee\.member"):
+        njm.energy_fn(model, stack([params, params]), np.zeros(3, int), np.eye(3) * 6.0)
 
 
 def test_energy_fn_rejects_positions_of_another_size(setup):
