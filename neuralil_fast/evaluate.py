@@ -119,14 +119,17 @@ def kept_indices(n_configs: int, exclude=()) -> list[int]:
     return keep
 
 
-def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), spread=None):
+def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), spread=None,
+                  per_config=False):
     """dict of MAE/RMSE: energy (meV/atom), forces (meV/Å), per-element force errors.
 
     Force entries cover the kept configurations that carry forces (``n_configs_forces``);
     where none does, they are absent.  ``spread`` (a committee's, from :func:`predict`)
     adds "committee": the mean energy spread (meV/atom) and per-atom force spread (meV/Å),
     and the Spearman rank correlation of the per-atom force spread with the per-atom force
-    error |F_mean - F_ref| (how well the spread ranks the error).
+    error |F_mean - F_ref| (how well the spread ranks the error).  ``per_config`` adds
+    "per_config": each kept configuration's index, atoms, energy error (meV/atom, after
+    the offset) and, where known, force MAE and mean force spread (meV/Å).
     """
     keep = kept_indices(len(configs), exclude)
     n_atoms = np.array([configs[k].n_atoms for k in keep])
@@ -148,6 +151,17 @@ def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), sp
                 [1000.0 * spread["energy"][k] / configs[k].n_atoms for k in keep])),
             "force_spread_mean_meV_per_A": float(1000.0 * np.mean(
                 np.concatenate([spread["forces"][k] for k in keep])))}
+    if per_config:
+        out["per_config"] = []
+        for k, e in zip(keep, de):
+            row = {"index": k, "n_atoms": configs[k].n_atoms, "energy_error_meV_per_atom":
+                   float(e)}
+            if configs[k].forces is not None:
+                row["force_mae_meV_per_A"] = float(
+                    1000.0 * np.abs(forces[k] - configs[k].forces).mean())
+            if spread is not None:
+                row["force_spread_mean_meV_per_A"] = float(1000.0 * spread["forces"][k].mean())
+            out["per_config"].append(row)
     if not with_forces:
         return out
     df = np.concatenate([forces[k] - configs[k].forces for k in with_forces]) * 1000.0
@@ -183,7 +197,30 @@ def format_table(m: dict) -> str:
     lines.append(f"{'forces (meV/Å)':<22}{m['force_mae_meV_per_A']:>12.2f}{m['force_rmse_meV_per_A']:>12.2f}")
     for s, e in m["per_element"].items():
         lines.append(f"{'  forces on ' + s:<22}{e['force_mae_meV_per_A']:>12.2f}{e['force_rmse_meV_per_A']:>12.2f}")
-    return "\n".join(lines + _committee_lines(m))
+    return "\n".join(lines + _committee_lines(m) + _worst_lines(m))
+
+
+WORST_SHOWN = 10
+
+
+def _worst_lines(m: dict) -> list[str]:
+    """The configurations with the largest force MAE (else energy error), at most
+    ``WORST_SHOWN`` (the JSON holds them all)."""
+    rows = m.get("per_config")
+    if not rows:
+        return []
+    key = "force_mae_meV_per_A" if any("force_mae_meV_per_A" in r for r in rows) else None
+    worst = sorted(rows, key=lambda r: -(r.get(key, -1.0) if key else
+                                         abs(r["energy_error_meV_per_atom"])))[:WORST_SHOWN]
+    spread = "force_spread_mean_meV_per_A" in rows[0]
+    lines = [f"largest errors ({len(worst)} of {len(rows)} configurations):",
+             f"{'  index':<9}{'atoms':>7}{'dE (meV/atom)':>15}{'force MAE':>11}"
+             + (f"{'spread':>9}" if spread else "")]
+    for r in worst:
+        f = f"{r['force_mae_meV_per_A']:.2f}" if "force_mae_meV_per_A" in r else "n/a"
+        lines.append(f"  {r['index']:<7}{r['n_atoms']:>7}{r['energy_error_meV_per_atom']:>+15.3f}"
+                     f"{f:>11}" + (f"{r['force_spread_mean_meV_per_A']:>9.2f}" if spread else ""))
+    return lines
 
 
 def _committee_lines(m: dict) -> list[str]:
@@ -213,6 +250,9 @@ def add_arguments(p):
     p.add_argument("--backend", default="auto", help="reference | numba | triton | auto")
     p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--per-config", action="store_true",
+                   help="also each configuration's errors (all in the JSON; the table shows "
+                        f"the {WORST_SHOWN} with the largest force MAE)")
 
 
 def run(args) -> int:
@@ -231,7 +271,8 @@ def run(args) -> int:
     got = predict(model, params, configs, backend=args.backend, dtype=args.dtype,
                   progress=not args.json, committee=size is not None)
     metrics = error_metrics(configs, *got[:2], remove_offset=args.remove_offset,
-                            exclude=args.exclude, spread=got[2] if size else None)
+                            exclude=args.exclude, spread=got[2] if size else None,
+                            per_config=args.per_config)
     if size is not None:
         metrics["committee_size"] = size
     metrics["seconds"] = time.perf_counter() - t0

@@ -271,6 +271,19 @@ def test_evaluate_cli_matches_the_calculator(tmp_path, capsys):
         assert m["n_configs"] == len(keep)
         assert m["energy_mae_meV_per_atom"] == pytest.approx(np.abs(e_err).mean(), rel=1e-5)
         assert m["force_rmse_meV_per_A"] == pytest.approx(np.sqrt((f_err ** 2).mean()), rel=1e-5)
+        assert "per_config" not in m
+    assert main(args + ["--exclude", "2", "--per-config"]) == 0
+    rows = json.loads(capsys.readouterr().out)["per_config"]
+    assert [r["index"] for r in rows] == [0, 1, 3]
+    for r in rows:
+        k = r["index"]
+        assert r["energy_error_meV_per_atom"] == pytest.approx(1000 * de[k], rel=1e-5)
+        assert r["force_mae_meV_per_A"] == pytest.approx(1000 * np.abs(df[k]).mean(), rel=1e-5)
+    assert main(args[:-1] + ["--per-config"]) == 0   # the table: the worst first
+    table = capsys.readouterr().out.splitlines()
+    worst = max(range(4), key=lambda k: np.abs(df[k]).mean())
+    at = table.index(next(l for l in table if l.startswith("largest errors (4 of 4")))
+    assert table[at + 2].split()[0] == str(worst)
     for exclude, message in (([4], "outside 0..3"), ([0, 1, 2, 3], "no configuration")):
         assert main(args + ["--exclude", *map(str, exclude)]) == 2
         assert message in capsys.readouterr().err
@@ -362,8 +375,13 @@ def test_evaluate_cli_on_a_committee(tmp_path, capsys):
         1000 * np.concatenate(f_spread).mean(), rel=1e-6)
     rho = spearmanr(np.concatenate(f_spread), np.linalg.norm(dF, axis=-1)).statistic
     assert c["spearman_force_spread_vs_error"] == pytest.approx(rho, abs=1e-9)
-    assert main(args) == 0
-    assert "committee of 3" in capsys.readouterr().out
+    assert main(args + ["--per-config"]) == 0
+    table = capsys.readouterr().out
+    assert "committee of 3" in table and "spread" in table.splitlines()[-4]
+    assert main(args + ["--json", "--per-config"]) == 0
+    for r in json.loads(capsys.readouterr().out)["per_config"]:
+        assert r["force_spread_mean_meV_per_A"] == pytest.approx(
+            1000 * f_spread[r["index"]].mean(), rel=1e-6)
     nf.save(tmp_path / "s.state", model, stack(members), extra={"training": {"epoch": 1}},
             committee=True)
     assert main(["evaluate", str(tmp_path / "s.state"), str(data)]) == 2
