@@ -137,6 +137,7 @@ def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), sp
     offset = float(de.mean()) if remove_offset else 0.0
     de = de - offset
     with_forces = [k for k in keep if configs[k].forces is not None]
+    dF = {k: (forces[k] - configs[k].forces) * 1000.0 for k in with_forces}  # meV/Å
     out = {
         "n_configs": len(keep),
         "n_configs_forces": len(with_forces),
@@ -156,15 +157,14 @@ def error_metrics(configs, energies, forces, remove_offset=False, exclude=(), sp
         for k, e in zip(keep, de):
             row = {"index": k, "n_atoms": configs[k].n_atoms, "energy_error_meV_per_atom":
                    float(e)}
-            if configs[k].forces is not None:
-                row["force_mae_meV_per_A"] = float(
-                    1000.0 * np.abs(forces[k] - configs[k].forces).mean())
+            if k in dF:
+                row["force_mae_meV_per_A"] = float(np.abs(dF[k]).mean())
             if spread is not None:
                 row["force_spread_mean_meV_per_A"] = float(1000.0 * spread["forces"][k].mean())
             out["per_config"].append(row)
     if not with_forces:
         return out
-    df = np.concatenate([forces[k] - configs[k].forces for k in with_forces]) * 1000.0
+    df = np.concatenate([dF[k] for k in with_forces])
     if spread is not None and len(df) >= 3:
         from scipy.stats import spearmanr
 
